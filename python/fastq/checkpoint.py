@@ -1,0 +1,127 @@
+"""``fastq.open``: a checkpoint's tensors as zero-copy torch tensors, and parallel quantization."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from . import _fastq
+from .ops import ST_TO_TORCH, int8_from_result, quant_state_from_result, wrap
+
+__all__ = ["open", "Checkpoint", "TensorMeta", "Spec4bit", "SPEC_INT8"]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Name, safetensors dtype, shape, shard file and byte size of one tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_TO_TORCH[self.dtype]
+
+
+@dataclass(frozen=True)
+class Spec4bit:
+    """How to quantize a tensor to 4 bits."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    quant_storage: torch.dtype = torch.uint8
+
+
+#: Quantize to LLM.int8.
+SPEC_INT8 = "int8"
+
+
+class Checkpoint:
+    """An opened safetensors checkpoint: a file, a folder with ``model.safetensors.index.json``, or a
+    folder of shards. Every shard is memory-mapped and its header validated on opening."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._ck = _fastq.Checkpoint(self.path)
+        self._meta = {
+            name: TensorMeta(name, dtype, tuple(shape), file, nbytes)
+            for name, dtype, shape, file, nbytes in self._ck.tensors()
+        }
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._meta
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def keys(self) -> list[str]:
+        """Tensor names, shard by shard in file order."""
+        return list(self._meta)
+
+    def meta(self, name: str) -> TensorMeta:
+        if name not in self._meta:
+            self._ck.get(name)  # raises UnknownTensorError naming the checkpoint
+        return self._meta[name]
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return self._ck.shard_paths()
+
+    @property
+    def total_bytes(self) -> int:
+        return self._ck.total_bytes()
+
+    def metadata(self, shard: int = 0) -> dict[str, str]:
+        """The ``__metadata__`` of a shard's header."""
+        return self._ck.metadata(shard)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a CPU tensor over the mapped file (no copy; writes stay private)."""
+        m = self.meta(name)
+        return wrap(self._ck.get(name), m.torch_dtype, m.shape)
+
+    def quantize(
+        self,
+        jobs: Iterable[tuple[str, Spec4bit | str]],
+        *,
+        threads: int | None = None,
+        device: torch.device | str | None = None,
+        release_pages: bool = True,
+    ) -> Iterator[tuple[str, tuple]]:
+        """Quantizes many tensors on all cores (GIL released); yields ``(name, result)`` in job order.
+
+        ``result`` is ``(packed, QuantState)`` for a ``Spec4bit`` job and ``(CB, SCB)`` for ``"int8"``.
+        """
+        jobs = list(jobs)
+        raw, storage = [], {}
+        for name, spec in jobs:
+            if spec == SPEC_INT8:
+                raw.append((name, "int8", "nf4", 64, False))
+            else:
+                raw.append((name, "4bit", spec.quant_type, spec.blocksize, spec.double_quant))
+                storage[name] = spec.quant_storage
+        it = self._ck.quantize(raw, threads=threads, release_pages=release_pages)
+        try:
+            for name, res in it:
+                if res["kind"] == "int8":
+                    yield name, int8_from_result(res, device)
+                else:
+                    yield name, quant_state_from_result(res, device, storage[name])
+        finally:
+            it.close()
+
+    def quantize_all(self, jobs, **kw) -> dict[str, tuple]:
+        """``dict(self.quantize(jobs, **kw))``."""
+        return dict(self.quantize(jobs, **kw))
+
+
+def open(path: str | os.PathLike) -> Checkpoint:  # noqa: A001 - fastq.open mirrors safetensors' safe_open
+    """Opens a checkpoint (see ``Checkpoint``)."""
+    return Checkpoint(path)

@@ -1,0 +1,68 @@
+"""fastq's exceptions. Every error the Rust core raises lands in one of these; each carries ``path``
+(the file) and ``tensor`` (the tensor name) where the error has them."""
+
+from __future__ import annotations
+
+__all__ = [
+    "FastqError",
+    "FastqIOError",
+    "MissingFileError",
+    "HeaderError",
+    "TruncatedShardError",
+    "UnknownTensorError",
+    "UnsupportedDtypeError",
+    "NonFiniteError",
+    "ShapeError",
+    "InvalidArgumentError",
+    "ConfigError",
+]
+
+
+class FastqError(Exception):
+    """Base class of every fastq error."""
+
+    path: str | None = None
+    tensor: str | None = None
+
+
+class FastqIOError(FastqError, OSError):
+    """The operating system refused to open, map, read or write a file."""
+
+
+class MissingFileError(FastqError, FileNotFoundError):
+    """A checkpoint file or a shard named by the index is not on disk."""
+
+
+class HeaderError(FastqError, ValueError):
+    """A safetensors header or index that lies about its contents."""
+
+
+class TruncatedShardError(HeaderError):
+    """A shard ends before the data its header promises."""
+
+
+class UnknownTensorError(FastqError, KeyError):
+    """No tensor of that name in the checkpoint."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedDtypeError(FastqError, TypeError):
+    """A dtype that cannot be quantized or is unknown to safetensors."""
+
+
+class NonFiniteError(FastqError, ValueError):
+    """NaN or infinity in a weight to be quantized."""
+
+
+class ShapeError(FastqError, ValueError):
+    """A shape the operation cannot handle."""
+
+
+class InvalidArgumentError(FastqError, ValueError):
+    """An argument outside what bitsandbytes accepts."""
+
+
+class ConfigError(FastqError, ValueError):
+    """An invalid quantization configuration."""

@@ -1,0 +1,16 @@
+//! fastq core: memory-mapped safetensors checkpoints quantized to bitsandbytes' 4-bit (NF4/FP4, double
+//! quantization) and 8-bit (LLM.int8) formats on all cores. No Python here: the `fastq._fastq` binding
+//! (rust/py) wraps it.
+
+pub mod checkpoint;
+pub mod dtype;
+pub mod error;
+pub mod pack;
+pub mod pipeline;
+pub mod quant;
+
+pub use checkpoint::{Checkpoint, TensorInfo};
+pub use dtype::{Dtype, FloatSlice};
+pub use error::{Error, Result};
+pub use pack::{Packed, Packed4, PackedInt8, QuantSpec};
+pub use quant::{Kernel, QuantType};

@@ -1,0 +1,208 @@
+//! The packed tensors the quantizers produce. Field names follow bitsandbytes' `QuantState` so the
+//! binding can hand each buffer to Python under the name bitsandbytes expects.
+
+use rayon::prelude::*;
+
+use crate::dtype::{Dtype, FloatSlice};
+use crate::error::{Error, Result};
+use crate::quant::double::{quantize_nested, Nested};
+use crate::quant::fourbit::{check_blocksize, quantize_4bit_into, Out4};
+use crate::quant::int8::quantize_int8_into;
+use crate::quant::{Kernel, QuantType};
+
+/// What to turn a tensor into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantSpec {
+    /// 4-bit blockwise (`Linear4bit`); `double_quant` is bitsandbytes' `compress_statistics`.
+    FourBit {
+        quant_type: QuantType,
+        blocksize: usize,
+        double_quant: bool,
+    },
+    /// LLM.int8 row-wise (`Linear8bitLt`).
+    Int8,
+}
+
+impl QuantSpec {
+    /// Checks the arguments bitsandbytes would reject.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            QuantSpec::FourBit { blocksize, .. } => check_blocksize(*blocksize),
+            QuantSpec::Int8 => Ok(()),
+        }
+    }
+}
+
+/// A 4-bit tensor: bitsandbytes' packed weight plus the fields of its `QuantState`.
+#[derive(Clone, Debug)]
+pub struct Packed4 {
+    /// Two codes a byte, first element in the high nibble; (n + 1) / 2 bytes.
+    pub codes: Vec<u8>,
+    /// One f32 absmax per block (empty when `nested` holds the statistics).
+    pub absmax: Vec<f32>,
+    /// The double-quantized statistics, when double quantization is on.
+    pub nested: Option<Nested>,
+    pub quant_type: QuantType,
+    pub blocksize: usize,
+    /// The original shape and dtype (the dtype the weight is dequantized back to).
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+}
+
+/// An LLM.int8 tensor: the int8 weight (CB) and its per-row scale (SCB).
+#[derive(Clone, Debug)]
+pub struct PackedInt8 {
+    pub cb: Vec<i8>,
+    pub scb: Vec<f32>,
+    pub shape: Vec<usize>,
+}
+
+/// Either kind of packed tensor.
+#[derive(Clone, Debug)]
+pub enum Packed {
+    FourBit(Packed4),
+    Int8(PackedInt8),
+}
+
+impl Packed {
+    /// Bytes held by the packed buffers.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            Packed::FourBit(p) => {
+                p.codes.len()
+                    + p.absmax.len() * 4
+                    + p.nested
+                        .as_ref()
+                        .map_or(0, |n| n.codes.len() + n.absmax.len() * 4 + 4)
+            }
+            Packed::Int8(p) => p.cb.len() + p.scb.len() * 4,
+        }
+    }
+}
+
+/// Elements per parallel chunk of one tensor (a multiple of every blocksize).
+const CHUNK: usize = 1 << 18;
+
+/// Quantizes one tensor, splitting it across the current rayon pool when it is large. Errors carry
+/// no file or tensor name; callers add them with `Error::at`.
+pub fn quantize_tensor(
+    x: FloatSlice,
+    shape: &[usize],
+    dtype: Dtype,
+    spec: QuantSpec,
+    kernel: Kernel,
+) -> Result<Packed> {
+    spec.validate()?;
+    let n = x.len();
+    if n == 0 {
+        return Err(bad_shape("cannot quantize an empty tensor".into()));
+    }
+    match spec {
+        QuantSpec::FourBit {
+            quant_type,
+            blocksize,
+            double_quant,
+        } => {
+            let mut codes = vec![0u8; n.div_ceil(2)];
+            let mut absmax = vec![0f32; n.div_ceil(blocksize)];
+            codes
+                .par_chunks_mut(CHUNK / 2)
+                .zip(absmax.par_chunks_mut(CHUNK / blocksize))
+                .enumerate()
+                .try_for_each(|(c, (codes, absmax))| {
+                    let start = c * CHUNK;
+                    let end = (start + CHUNK).min(n);
+                    quantize_4bit_into(
+                        x.slice(start, end),
+                        quant_type,
+                        blocksize,
+                        kernel,
+                        Out4 { codes, absmax },
+                    )
+                    .map_err(|e| shift_index(e, start))
+                })?;
+            let nested = double_quant.then(|| quantize_nested(&absmax));
+            if nested.is_some() {
+                absmax = Vec::new();
+            }
+            Ok(Packed::FourBit(Packed4 {
+                codes,
+                absmax,
+                nested,
+                quant_type,
+                blocksize,
+                shape: shape.to_vec(),
+                dtype,
+            }))
+        }
+        QuantSpec::Int8 => {
+            if shape.len() != 2 {
+                return Err(bad_shape(format!(
+                    "int8 quantization needs a 2-D weight, got shape {shape:?}"
+                )));
+            }
+            let (rows, cols) = (shape[0], shape[1]);
+            let mut cb = vec![0i8; n];
+            let mut scb = vec![0f32; rows];
+            let rows_per = (CHUNK / cols.max(1)).max(1);
+            cb.par_chunks_mut(rows_per * cols)
+                .zip(scb.par_chunks_mut(rows_per))
+                .enumerate()
+                .try_for_each(|(c, (cb, scb))| {
+                    let start = c * rows_per * cols;
+                    quantize_int8_into(x.slice(start, start + cb.len()), cols, kernel, cb, scb)
+                        .map_err(|e| shift_index(e, start))
+                })?;
+            Ok(Packed::Int8(PackedInt8 {
+                cb,
+                scb,
+                shape: shape.to_vec(),
+            }))
+        }
+    }
+}
+
+fn bad_shape(reason: String) -> Error {
+    Error::BadShape {
+        path: Default::default(),
+        tensor: String::new(),
+        reason,
+    }
+}
+
+fn shift_index(e: Error, by: usize) -> Error {
+    match e {
+        Error::NonFinite {
+            path,
+            tensor,
+            index,
+        } => Error::NonFinite {
+            path,
+            tensor,
+            index: index + by,
+        },
+        e => e,
+    }
+}
+
+/// The `quant_state.bitsandbytes__<type>` JSON that transformers and bitsandbytes save beside a 4-bit
+/// weight (`QuantState.as_dict(packed=True)`).
+pub fn quant_state_json(p: &Packed4, torch_dtype: &str) -> String {
+    let mut m = serde_json::Map::new();
+    m.insert("quant_type".into(), p.quant_type.as_str().into());
+    m.insert("blocksize".into(), p.blocksize.into());
+    m.insert("dtype".into(), torch_dtype.into());
+    m.insert("shape".into(), serde_json::Value::from(p.shape.clone()));
+    if let Some(n) = &p.nested {
+        m.insert(
+            "nested_blocksize".into(),
+            crate::quant::NESTED_BLOCKSIZE.into(),
+        );
+        m.insert("nested_dtype".into(), "float32".into());
+        m.insert(
+            "nested_offset".into(),
+            serde_json::Value::from(n.offset as f64),
+        );
+    }
+    serde_json::Value::Object(m).to_string()
+}

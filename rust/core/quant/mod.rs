@@ -1,0 +1,47 @@
+//! bitsandbytes' quantized formats: 4-bit NF4/FP4 blockwise with optional double quantization of the
+//! statistics, and LLM.int8 row-wise. Each format has a scalar reference implementation and a fast
+//! one (AVX2 on x86-64 when the CPU has it); tests compare the two.
+
+pub mod double;
+pub mod fourbit;
+pub mod int8;
+pub mod tables;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use double::{dynamic_map, quantize_nested, Nested, NESTED_BLOCKSIZE};
+pub use fourbit::{quantize_4bit, quantize_4bit_reference, QuantType, BLOCKSIZES};
+pub use int8::{quantize_int8, quantize_int8_reference};
+
+/// Which implementation a kernel uses. `Auto` picks the fastest the CPU supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Kernel {
+    /// The fastest available.
+    #[default]
+    Auto,
+    /// The portable scalar reference.
+    Scalar,
+}
+
+/// True when the AVX2 kernels can run on this CPU.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("f16c")
+            && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Name of the kernel `Kernel::Auto` runs on this CPU ("avx2" or "scalar").
+pub fn kernel_name() -> &'static str {
+    if has_avx2() {
+        "avx2"
+    } else {
+        "scalar"
+    }
+}

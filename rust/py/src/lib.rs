@@ -1,0 +1,29 @@
+//! `fastq._fastq`: the thin pyo3 binding of the fastq core. One file per surface: buffers handed to
+//! Python (buffer.rs), the quantization ops (ops.rs), checkpoints and the streaming pipeline
+//! (checkpoint.rs), packed results as Python dicts (packed.rs), errors (errors.rs).
+//!
+//! Every entry point extracts its arguments, runs the core with the GIL released, then builds Python
+//! objects.
+
+use pyo3::prelude::*;
+
+mod buffer;
+mod checkpoint;
+mod errors;
+mod ops;
+mod packed;
+
+#[pymodule]
+fn _fastq(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<buffer::Buffer>()?;
+    m.add_class::<checkpoint::Checkpoint>()?;
+    m.add_class::<checkpoint::QuantizeIter>()?;
+    m.add_function(wrap_pyfunction!(ops::quantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::quantize_int8, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::kernel_name, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::thread_count, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::dynamic_map, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::code_4bit, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! Quantizing one tensor handed over from Python as raw bytes (`fastq.ops` wraps these).
+
+use fastq::dtype::{Dtype, FloatSlice};
+use fastq::pack::quantize_tensor;
+use fastq::quant::{self, Kernel, QuantType};
+use fastq::{Error, QuantSpec};
+use pyo3::buffer::PyBuffer;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::IntoPy;
+use crate::packed::to_dict;
+
+fn parse_dtype(dtype: &str) -> PyResult<Dtype> {
+    Dtype::parse(dtype)
+        .filter(|d| d.is_float_input())
+        .ok_or_else(|| {
+            crate::errors::to_py(Error::UnsupportedDtype {
+                path: Default::default(),
+                tensor: String::new(),
+                dtype: dtype.into(),
+            })
+        })
+}
+
+fn kernel(reference: bool) -> Kernel {
+    if reference {
+        Kernel::Scalar
+    } else {
+        Kernel::Auto
+    }
+}
+
+/// Runs `f` over the bytes of `data` with the GIL released, on a pool of `threads` threads.
+fn with_bytes<T: Send>(
+    py: Python<'_>,
+    data: &PyBuffer<u8>,
+    threads: Option<usize>,
+    f: impl FnOnce(&[u8]) -> fastq::Result<T> + Send,
+) -> PyResult<T> {
+    if !data.is_c_contiguous() {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "the tensor's bytes must be contiguous",
+        ));
+    }
+    let (ptr, len) = (data.buf_ptr() as usize, data.len_bytes());
+    let pool = fastq::pipeline::pool(threads).py_err()?;
+    py.allow_threads(|| {
+        // SAFETY: `data` holds the exporter's buffer (and so its memory) until this function returns;
+        // the bytes are only read.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+        pool.install(|| f(bytes))
+    })
+    .py_err()
+}
+
+/// quantize_4bit(data, dtype, shape, quant_type="nf4", blocksize=64, double_quant=True, threads=None,
+/// reference=False) -> dict
+#[pyfunction]
+#[pyo3(signature = (data, dtype, shape, quant_type="nf4", blocksize=64, double_quant=true, threads=None, reference=false))]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_4bit<'py>(
+    py: Python<'py>,
+    data: PyBuffer<u8>,
+    dtype: &str,
+    shape: Vec<usize>,
+    quant_type: &str,
+    blocksize: usize,
+    double_quant: bool,
+    threads: Option<usize>,
+    reference: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dt = parse_dtype(dtype)?;
+    let spec = QuantSpec::FourBit {
+        quant_type: QuantType::parse(quant_type).py_err()?,
+        blocksize,
+        double_quant,
+    };
+    let packed = with_bytes(py, &data, threads, |b| {
+        let x = FloatSlice::new(dt, b).expect("float dtype");
+        check_len(&x, &shape)?;
+        quantize_tensor(x, &shape, dt, spec, kernel(reference))
+    })?;
+    to_dict(py, packed)
+}
+
+/// quantize_int8(data, dtype, shape, threads=None, reference=False) -> dict with CB and SCB
+#[pyfunction]
+#[pyo3(signature = (data, dtype, shape, threads=None, reference=false))]
+pub fn quantize_int8<'py>(
+    py: Python<'py>,
+    data: PyBuffer<u8>,
+    dtype: &str,
+    shape: Vec<usize>,
+    threads: Option<usize>,
+    reference: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dt = parse_dtype(dtype)?;
+    let packed = with_bytes(py, &data, threads, |b| {
+        let x = FloatSlice::new(dt, b).expect("float dtype");
+        check_len(&x, &shape)?;
+        quantize_tensor(x, &shape, dt, QuantSpec::Int8, kernel(reference))
+    })?;
+    to_dict(py, packed)
+}
+
+fn check_len(x: &FloatSlice, shape: &[usize]) -> fastq::Result<()> {
+    let n: usize = shape.iter().product();
+    if n != x.len() {
+        return Err(Error::BadShape {
+            path: Default::default(),
+            tensor: String::new(),
+            reason: format!(
+                "shape {shape:?} needs {n} elements, the buffer holds {}",
+                x.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The kernel the fast path runs on this CPU ("avx2" or "scalar").
+#[pyfunction]
+pub fn kernel_name() -> &'static str {
+    quant::kernel_name()
+}
+
+/// Worker threads a run uses for `threads` (the argument, else FASTQ_NUM_THREADS, else all cores).
+#[pyfunction]
+#[pyo3(signature = (threads=None))]
+pub fn thread_count(threads: Option<usize>) -> usize {
+    fastq::pipeline::thread_count(threads)
+}
+
+/// The nested 8-bit map (`create_dynamic_map(signed=True)`), 256 floats.
+#[pyfunction]
+pub fn dynamic_map() -> Vec<f32> {
+    quant::dynamic_map().to_vec()
+}
+
+/// The 16 code values of "nf4" or "fp4" (`get_4bit_type`).
+#[pyfunction]
+pub fn code_4bit(quant_type: &str) -> PyResult<Vec<f32>> {
+    Ok(QuantType::parse(quant_type).py_err()?.code().to_vec())
+}
