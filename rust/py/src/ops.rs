@@ -8,6 +8,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::buffer::Buffer;
 use crate::errors::IntoPy;
 use crate::packed::to_dict;
 
@@ -142,4 +143,14 @@ pub fn dynamic_map() -> Vec<f32> {
 #[pyfunction]
 pub fn code_4bit(quant_type: &str) -> PyResult<Vec<f32>> {
     Ok(QuantType::parse(quant_type).py_err()?.code().to_vec())
+}
+
+/// The nested 8-bit step alone (CUDA rounding): float32 bytes in, (codes, absmax per 256) out.
+#[pyfunction]
+pub fn quantize_nested_blockwise(py: Python<'_>, data: PyBuffer<u8>) -> PyResult<(Buffer, Buffer)> {
+    let (codes, absmax) = with_bytes(py, &data, Some(1), |b| {
+        let x: Vec<f32> = b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok(quant::double::quantize_blockwise_dynamic(&x))
+    })?;
+    Ok((Buffer::from_bytes(codes), Buffer::from_f32(absmax)))
 }
