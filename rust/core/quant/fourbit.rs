@@ -1,7 +1,9 @@
 //! 4-bit blockwise quantization (NF4 and FP4), byte for byte as bitsandbytes 0.50.2 does it
 //! (`backends/default/ops.py`, `quantize_4bit`):
 //! - the tensor is flattened row-major and cut into blocks of `blocksize` that cross rows;
-//! - absmax = max |x| per block, kept as f32 (unclamped); the scale uses max(absmax, 1e-38);
+//! - absmax = max |x| per block, kept as f32; the scale uses max(absmax, 1e-38). Full blocks store the
+//!   unclamped absmax, the tail block stores the clamped one (`am = ...abs().max().clamp(min=1e-38)`
+//!   is both its scale and its saved statistic), so an all-zero tail saves 1e-38, not 0;
 //! - full blocks are scaled by `x * (1 / absmax)`, the tail block by `x / absmax` (the CPU kernel
 //!   divides there, and the two roundings differ);
 //! - scaled values are clamped to [-1, 1] and bucketed against the midpoints of the sorted code
@@ -225,10 +227,11 @@ fn scalar_blocks(
             }
             am = am.max(v.abs());
         }
-        *am_out = am;
+        let full = end - start == blocksize;
+        // bitsandbytes saves the tail block's absmax after clamping it (see the module docs).
+        *am_out = if full { am } else { am.max(ABSMAX_FLOOR) };
         let am = am.max(ABSMAX_FLOOR);
         let inv = 1.0f32 / am;
-        let full = end - start == blocksize;
         for (i, v) in vals.iter().enumerate() {
             let s = if full { v * inv } else { v / am };
             let q = order[bucket(&bounds, s.clamp(-1.0, 1.0))];
