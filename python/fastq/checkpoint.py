@@ -89,7 +89,7 @@ class Checkpoint:
 
     def quantize(
         self,
-        jobs: Iterable[tuple[str, Spec4bit | str]],
+        jobs: Iterable[tuple],
         *,
         threads: int | None = None,
         device: torch.device | str | None = None,
@@ -97,15 +97,18 @@ class Checkpoint:
     ) -> Iterator[tuple[str, tuple]]:
         """Quantizes many tensors on all cores (GIL released); yields ``(name, result)`` in job order.
 
-        ``result`` is ``(packed, QuantState)`` for a ``Spec4bit`` job and ``(CB, SCB)`` for ``"int8"``.
+        Each job is ``(name, spec)`` or ``(name, spec, transpose)``; ``transpose`` quantizes the transpose
+        of a 2-D weight (GPT-2's ``Conv1D``). ``result`` is ``(packed, QuantState)`` for a ``Spec4bit``
+        job and ``(CB, SCB)`` for ``"int8"``.
         """
-        jobs = list(jobs)
         raw, storage = [], {}
-        for name, spec in jobs:
+        for job in jobs:
+            name, spec = job[0], job[1]
+            transpose = bool(job[2]) if len(job) > 2 else False
             if spec == SPEC_INT8:
-                raw.append((name, "int8", "nf4", 64, False))
+                raw.append((name, "int8", "nf4", 64, False, transpose))
             else:
-                raw.append((name, "4bit", spec.quant_type, spec.blocksize, spec.double_quant))
+                raw.append((name, "4bit", spec.quant_type, spec.blocksize, spec.double_quant, transpose))
                 storage[name] = spec.quant_storage
         it = self._ck.quantize(raw, threads=threads, release_pages=release_pages)
         try:

@@ -64,6 +64,27 @@ pub fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
         .map_err(|e| Error::InvalidArgument(format!("cannot start worker threads: {e}")))
 }
 
+/// One tensor to quantize.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub name: String,
+    pub spec: QuantSpec,
+    /// Quantize the transpose of a 2-D weight (GPT-2's `Conv1D` stores `[in, out]`; bitsandbytes
+    /// quantizes the `[out, in]` weight of the `Linear` that replaces it).
+    pub transpose: bool,
+}
+
+impl Job {
+    /// A job without transposition.
+    pub fn new(name: impl Into<String>, spec: QuantSpec) -> Self {
+        Job {
+            name: name.into(),
+            spec,
+            transpose: false,
+        }
+    }
+}
+
 /// Quantizes the tensor called `name` with `spec` (errors name the file and the tensor).
 pub fn quantize_named(
     ckpt: &Checkpoint,
@@ -71,10 +92,47 @@ pub fn quantize_named(
     spec: QuantSpec,
     kernel: Kernel,
 ) -> Result<Packed> {
-    let t = ckpt.info(name)?;
+    quantize_job(ckpt, &Job::new(name, spec), kernel)
+}
+
+/// Quantizes one job (errors name the file and the tensor).
+pub fn quantize_job(ckpt: &Checkpoint, job: &Job, kernel: Kernel) -> Result<Packed> {
+    let t = ckpt.info(&job.name)?;
     let path = ckpt.path_of(t);
     let x = ckpt.floats(t)?;
-    quantize_tensor(x, &t.shape, t.dtype, spec, kernel).map_err(|e| e.at(path, name))
+    let at = |e: Error| e.at(path, &job.name);
+    if !job.transpose {
+        return quantize_tensor(x, &t.shape, t.dtype, job.spec, kernel).map_err(at);
+    }
+    if t.shape.len() != 2 {
+        return Err(at(Error::BadShape {
+            path: Default::default(),
+            tensor: String::new(),
+            reason: format!("only a 2-D weight can be transposed, got shape {:?}", t.shape),
+        }));
+    }
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let bytes = transpose_bytes(ckpt.bytes(t), rows, cols, t.dtype.size());
+    let xt = crate::dtype::FloatSlice::new(t.dtype, &bytes).expect("float dtype checked by floats()");
+    quantize_tensor(xt, &[cols, rows], t.dtype, job.spec, kernel).map_err(at)
+}
+
+/// Transposes a row-major `rows x cols` matrix of `elem`-byte elements, in cache-sized tiles.
+pub fn transpose_bytes(src: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
+    const TILE: usize = 32;
+    let mut out = vec![0u8; src.len()];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    let s = (r * cols + c) * elem;
+                    let d = (c * rows + r) * elem;
+                    out[d..d + elem].copy_from_slice(&src[s..s + elem]);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One finished job: its position in the job list, and its result.
@@ -87,8 +145,14 @@ pub fn spawn(
     jobs: Vec<(String, QuantSpec)>,
     opts: Options,
 ) -> Result<Receiver<Item>> {
-    for (_, spec) in &jobs {
-        spec.validate()?;
+    let jobs = jobs.into_iter().map(|(n, s)| Job::new(n, s)).collect();
+    spawn_jobs(ckpt, jobs, opts)
+}
+
+/// `spawn` for full `Job`s (with transposition).
+pub fn spawn_jobs(ckpt: Arc<Checkpoint>, jobs: Vec<Job>, opts: Options) -> Result<Receiver<Item>> {
+    for job in &jobs {
+        job.spec.validate()?;
     }
     let pool = pool(opts.threads)?;
     let (tx, rx) = sync_channel::<Item>(opts.channel_capacity.max(1));
@@ -100,19 +164,19 @@ pub fn spawn(
                 let mut j = i;
                 let mut bytes = 0usize;
                 while j < jobs.len() && (j == i || bytes < opts.batch_bytes) {
-                    bytes += ckpt.info(&jobs[j].0).map_or(0, |t| t.nbytes());
+                    bytes += ckpt.info(&jobs[j].name).map_or(0, |t| t.nbytes());
                     j += 1;
                 }
                 let batch = &jobs[i..j];
                 let results: Vec<Result<Packed>> = pool.install(|| {
                     batch
                         .par_iter()
-                        .map(|(name, spec)| quantize_named(&ckpt, name, *spec, opts.kernel))
+                        .map(|job| quantize_job(&ckpt, job, opts.kernel))
                         .collect()
                 });
-                for ((name, _), r) in batch.iter().zip(results) {
+                for (job, r) in batch.iter().zip(results) {
                     if opts.release_pages {
-                        if let Ok(t) = ckpt.info(name) {
+                        if let Ok(t) = ckpt.info(&job.name) {
                             ckpt.release(t);
                         }
                     }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-use fastq::pipeline::{self, Item, Options};
+use fastq::pipeline::{self, Item, Job, Options};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -79,22 +79,22 @@ impl Checkpoint {
     }
 
     /// Quantizes many tensors in parallel; yields (name, dict) in the order of `jobs`.
-    /// Each job is (name, kind, quant_type, blocksize, double_quant) with kind "4bit" or "int8".
+    /// Each job is (name, kind, quant_type, blocksize, double_quant, transpose) with kind "4bit" or "int8".
     #[pyo3(signature = (jobs, threads=None, batch_bytes=None, channel_capacity=None, release_pages=true))]
     fn quantize(
         &self,
-        jobs: Vec<(String, String, String, usize, bool)>,
+        jobs: Vec<(String, String, String, usize, bool, bool)>,
         threads: Option<usize>,
         batch_bytes: Option<usize>,
         channel_capacity: Option<usize>,
         release_pages: bool,
     ) -> PyResult<QuantizeIter> {
         let mut parsed = Vec::with_capacity(jobs.len());
-        for (name, kind, qt, bs, dq) in jobs {
+        for (name, kind, qt, bs, dq, transpose) in jobs {
             self.inner.info(&name).py_err()?;
-            parsed.push((name, spec_from_py(&kind, &qt, bs, dq)?));
+            parsed.push(Job { name, spec: spec_from_py(&kind, &qt, bs, dq)?, transpose });
         }
-        let names: Vec<String> = parsed.iter().map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = parsed.iter().map(|j| j.name.clone()).collect();
         let mut opts = Options {
             threads,
             release_pages,
@@ -106,7 +106,7 @@ impl Checkpoint {
         if let Some(c) = channel_capacity {
             opts.channel_capacity = c;
         }
-        let rx = pipeline::spawn(self.inner.clone(), parsed, opts).py_err()?;
+        let rx = pipeline::spawn_jobs(self.inner.clone(), parsed, opts).py_err()?;
         Ok(QuantizeIter {
             rx: Mutex::new(Some(rx)),
             done: AtomicBool::new(false),

@@ -1,0 +1,41 @@
+# One target per job; README, CI (.ci/run) and contributors call the same ones.
+PY ?= python3
+STAMP := .install.stamp
+
+.PHONY: help install demo test test-rust test-py lint bench bench-py device-site
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml Cargo.toml $(shell find rust -name '*.rs')
+	$(PY) -m pip install -q --upgrade pip maturin
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## build the Rust extension and install fastq with its test dependencies
+
+demo: install  ## install, then quantize and load a real model (SmolLM2-135M) on the CPU
+	$(PY) -m fastq demo
+
+test: install test-rust test-py  ## every test: cargo (core) then pytest (against bitsandbytes, transformers)
+
+test-rust:
+	cargo test --quiet
+
+test-py:
+	$(PY) -m pytest tests -q
+
+lint:  ## formatting and lints as CI runs them
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	$(PY) -m ruff check python tests benches scripts
+
+bench:  ## criterion benches (quantization throughput, whole-checkpoint quantization)
+	cargo bench
+
+bench-py: install  ## Python side-by-side benchmarks against bitsandbytes / transformers
+	$(PY) benches/bench_ops.py
+	$(PY) benches/bench_pipeline.py
+
+device-site:  ## build .device-site/ (fastq abi3 wheel + bitsandbytes) for the GPU machine
+	../shared/device/prepare-site.sh
