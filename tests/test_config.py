@@ -128,6 +128,8 @@ def test_from_dict_reads_private_keys_and_ignores_unknown_ones():
     d = {"quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False, "new_field": 1}
     assert QuantConfig.from_dict(d) == QuantConfig(load_in_4bit=True)
     assert QuantConfig.from_dict({"load_in_8bit": True}).is_8bit  # quant_method may be missing
+    raw = BitsAndBytesConfig(load_in_4bit=True).to_dict()  # quant_method is transformers' enum here
+    assert QuantConfig.from_dict(raw) == QuantConfig(load_in_4bit=True)
 
 
 # -- coerce and conversions ----------------------------------------------------------------------

@@ -28,11 +28,12 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-_BOOL_FIELDS = ("load_in_8bit", "load_in_4bit", "llm_int8_enable_fp32_cpu_offload")
-_BOOL_FIELDS += ("llm_int8_has_fp16_weight", "bnb_4bit_use_double_quant")
-_DTYPE_FIELDS = [("bnb_4bit_compute_dtype", FLOAT_DTYPES, torch.float32), ("torch_dtype", FLOAT_DTYPES, None)]
-_DTYPE_FIELDS.append(("bnb_4bit_quant_storage", STORAGE_DTYPES, torch.uint8))
-_LIST_FIELDS = ("llm_int8_skip_modules", "skip_modules", "keep_in_fp32_modules")
+# field: (the dtypes it accepts, what None stands for)
+_DTYPE_FIELDS = {
+    "bnb_4bit_compute_dtype": (FLOAT_DTYPES, torch.float32),
+    "bnb_4bit_quant_storage": (STORAGE_DTYPES, torch.uint8),
+    "torch_dtype": (FLOAT_DTYPES, None),
+}
 # Fields that transformers' config.json entry does not hold; they travel in its "fastq" sub-dict.
 _EXTRA_FIELDS = ("skip_modules", "keep_in_fp32_modules", "torch_dtype", "blocksize")
 
@@ -145,15 +146,13 @@ class QuantConfig:
             set_(name, _module_list(getattr(self, name), name))
         if (qt := self.bnb_4bit_quant_type) not in QUANT_TYPES:
             raise ConfigError(f"bnb_4bit_quant_type={qt!r} is unknown; use 'nf4' or 'fp4'")
-        for name, allowed, default in _DTYPE_FIELDS:
+        for name, (allowed, default) in _DTYPE_FIELDS.items():
             set_(name, parse_dtype(getattr(self, name), name, allowed, default))
         if type(self.blocksize) is not int or self.blocksize not in BLOCKSIZES:
             raise ConfigError(
                 f"blocksize={self.blocksize!r} is not supported by bitsandbytes; use a power of two from "
                 "32 to 4096 (64 is what transformers writes)"
             )
-
-    # -- construction ------------------------------------------------------------------------------
 
     @classmethod
     def coerce(cls, obj: Any) -> QuantConfig | None:
@@ -215,18 +214,29 @@ class QuantConfig:
 
     @classmethod
     def from_bnb_config(cls, cfg: Any) -> QuantConfig:
-        """Args: cfg: a transformers ``BitsAndBytesConfig``. Returns: a QuantConfig with its fields."""
+        """Reads a transformers ``BitsAndBytesConfig``.
+
+        Args:
+            cfg: the BitsAndBytesConfig.
+
+        Returns:
+            A QuantConfig with its fields.
+        """
         return cls(**{f: getattr(cfg, f) for f in _BNB_FIELDS})
 
     @classmethod
     def from_accelerate_config(cls, cfg: Any) -> QuantConfig:
-        """Args: cfg: an accelerate ``BnbQuantizationConfig``. Returns: a QuantConfig with its values
-        (accelerate's defaults: float16 compute; ``torch_dtype`` float16 for 8-bit, else the compute
-        dtype)."""
+        """Reads an accelerate ``BnbQuantizationConfig``, keeping its values, defaults included (float16
+        compute; ``torch_dtype`` float16 for 8-bit, the compute dtype for 4-bit).
+
+        Args:
+            cfg: the BnbQuantizationConfig.
+
+        Returns:
+            A QuantConfig with its fields.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names})
-
-    # -- conversion --------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` entry of config.json: ``to_bnb_config().to_dict()``, with
@@ -298,26 +308,17 @@ class QuantConfig:
         if bad := [name for name, is_set in lost.items() if is_set]:
             msg = "leave them at their defaults or use to_bnb_config()"
             raise ConfigError(f"accelerate's BnbQuantizationConfig cannot express {', '.join(bad)}; {msg}")
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(BnbQuantizationConfig)}
+        kwargs["skip_modules"] = self._bnb_skip_modules()  # fresh lists: accelerate extends them
+        kwargs["keep_in_fp32_modules"] = _module_list(self.keep_in_fp32_modules, "keep_in_fp32_modules")
         with warnings.catch_warnings():  # accelerate warns on any 4-bit threshold other than 6.0
             warnings.filterwarnings("ignore", message="llm_int8_threshold can only be used")
-            return BnbQuantizationConfig(
-                load_in_8bit=self.load_in_8bit,
-                llm_int8_threshold=self.llm_int8_threshold,
-                load_in_4bit=self.load_in_4bit,
-                bnb_4bit_quant_type=self.bnb_4bit_quant_type,
-                bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
-                bnb_4bit_compute_dtype=self.compute_dtype,
-                torch_dtype=self.torch_dtype,
-                skip_modules=self._bnb_skip_modules(),  # accelerate extends these lists in place
-                keep_in_fp32_modules=_module_list(self.keep_in_fp32_modules, "keep_in_fp32_modules"),
-            )
+            return BnbQuantizationConfig(**kwargs)
 
     def _bnb_skip_modules(self) -> list[str] | None:
         if self.llm_int8_skip_modules is None and self.skip_modules is None:
             return None
         return _merge(self.llm_int8_skip_modules, self.skip_modules)
-
-    # -- views -------------------------------------------------------------------------------------
 
     @property
     def is_4bit(self) -> bool:
@@ -381,4 +382,6 @@ class QuantConfig:
 
 _BNB_FIELDS = tuple(f.name for f in dataclasses.fields(QuantConfig) if f.name not in _EXTRA_FIELDS)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
-_DEFAULTS.update(bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
+_DEFAULTS.update({name: default for name, (_, default) in _DTYPE_FIELDS.items()})
+_BOOL_FIELDS = [f.name for f in dataclasses.fields(QuantConfig) if f.type == "bool"]
+_LIST_FIELDS = [f.name for f in dataclasses.fields(QuantConfig) if f.type.startswith("list")]
