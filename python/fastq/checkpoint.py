@@ -110,19 +110,24 @@ class Checkpoint:
             else:
                 raw.append((name, "4bit", spec.quant_type, spec.blocksize, spec.double_quant, transpose))
                 storage[name] = spec.quant_storage
+        # The Rust worker starts now, before the caller asks for the first result.
         it = self._ck.quantize(raw, threads=threads, release_pages=release_pages)
-        try:
-            for name, res in it:
-                if res["kind"] == "int8":
-                    yield name, int8_from_result(res, device)
-                else:
-                    yield name, quant_state_from_result(res, device, storage[name])
-        finally:
-            it.close()
+        return _results(it, storage, device)
 
     def quantize_all(self, jobs, **kw) -> dict[str, tuple]:
         """``dict(self.quantize(jobs, **kw))``."""
         return dict(self.quantize(jobs, **kw))
+
+
+def _results(it, storage: dict, device) -> Iterator[tuple[str, tuple]]:
+    try:
+        for name, res in it:
+            if res["kind"] == "int8":
+                yield name, int8_from_result(res, device)
+            else:
+                yield name, quant_state_from_result(res, device, storage[name])
+    finally:
+        it.close()
 
 
 def open(path: str | os.PathLike) -> Checkpoint:  # noqa: A001 - fastq.open mirrors safetensors' safe_open

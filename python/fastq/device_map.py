@@ -1,0 +1,110 @@
+"""Device maps on accelerate's and transformers' machinery: "auto", "balanced", "balanced_low_0",
+"sequential", a device, or a dict; ``max_memory``; CPU and disk offload."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["STRATEGIES", "resolve", "device_of", "default_device", "check_offload"]
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def default_device() -> str:
+    """The first GPU if there is one, else the CPU (what transformers picks for device_map=None)."""
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def _norm(value):
+    if isinstance(value, torch.device):
+        return str(value) if value.index is not None or value.type != "cuda" else "cuda:0"
+    if isinstance(value, int):
+        return f"cuda:{value}"
+    if value == "cuda":
+        return "cuda:0"
+    return value
+
+
+def resolve(model: torch.nn.Module, device_map, max_memory=None, hf_quantizer=None, no_split=None) -> dict[str, str]:
+    """The full device map: module-name prefix -> "cpu" / "cuda:N" / "disk".
+
+    Args:
+        model: the skeleton with bitsandbytes modules in place (their packed sizes count).
+        device_map: None, a device (str, int, torch.device), a strategy name, or a dict.
+        max_memory: per-device limits for the strategies ({0: "10GiB", "cpu": "30GiB"}).
+        hf_quantizer: transformers' quantizer of the model, so sizes are the quantized ones.
+        no_split: module classes never split across devices (default: the model's ``_no_split_modules``).
+    """
+    if device_map is None:
+        return {"": default_device()}
+    if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in STRATEGIES):
+        dev = _norm(device_map)
+        if dev == "disk":
+            raise ConfigError('device_map="disk" would put every weight on disk; use a dict or "auto" with max_memory')
+        try:
+            torch.device(dev)
+        except RuntimeError as e:
+            raise ConfigError(f"device_map={device_map!r} is neither a device nor one of {STRATEGIES}") from e
+        return {"": dev}
+    if isinstance(device_map, str):
+        dm = _strategy(model, device_map, max_memory, hf_quantizer, no_split)
+        return {k: _norm(v) for k, v in dm.items()}
+    if isinstance(device_map, dict):
+        names = dict(model.named_modules())
+        params = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        for key in device_map:
+            if key and key not in names and key not in params:
+                raise ConfigError(f"device_map names '{key}', which is not a module or parameter of the model")
+        covered = [n for n in params if device_of(n, device_map) is None]
+        if covered:
+            raise ConfigError(
+                f"device_map does not place {len(covered)} parameter(s), e.g. '{covered[0]}'; add an entry for it "
+                "or a catch-all '' entry"
+            )
+        return {k: _norm(v) for k, v in device_map.items()}
+    raise ConfigError(f"device_map must be None, a device, one of {STRATEGIES} or a dict, not {type(device_map).__name__}")
+
+
+def _strategy(model, strategy, max_memory, hf_quantizer, no_split) -> dict:
+    if hf_quantizer is not None or hasattr(model, "_no_split_modules"):
+        try:  # transformers' own computation, so the same map comes out as from_pretrained's
+            from transformers.integrations.accelerate import _get_device_map
+
+            return _get_device_map(model, strategy, max_memory, hf_quantizer)
+        except ImportError:  # pragma: no cover - older transformers
+            pass
+    from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    no_split = no_split or getattr(model, "_no_split_modules", None) or []
+    if strategy == "sequential":
+        mem = get_max_memory(max_memory)
+    else:
+        mem = get_balanced_memory(
+            model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=strategy == "balanced_low_0"
+        )
+    return infer_auto_device_map(model, max_memory=mem, no_split_module_classes=no_split)
+
+
+def device_of(name: str, device_map: dict) -> str | None:
+    """The device of a module or parameter: the longest device_map key that is a prefix of it."""
+    best, best_len = None, -1
+    for key, dev in device_map.items():
+        if (key == "" or name == key or name.startswith(key + ".")) and len(key) > best_len:
+            best, best_len = dev, len(key)
+    return best
+
+
+def check_offload(device_map: dict, quantized_modules: list[str], fp32_cpu_offload: bool) -> None:
+    """Quantized modules cannot live on the CPU or disk next to GPU modules unless fp32 offload is on."""
+    values = set(device_map.values())
+    if values == {"cpu"} or not ({"cpu", "disk"} & values):
+        return
+    offloaded = [m for m in quantized_modules if device_of(m, device_map) in ("cpu", "disk")]
+    if offloaded and not fp32_cpu_offload:
+        raise ConfigError(
+            f"{len(offloaded)} quantized module(s) (e.g. '{offloaded[0]}') are mapped to the CPU or disk while "
+            "others are on a GPU. Either give the GPU more room (max_memory) or set "
+            "llm_int8_enable_fp32_cpu_offload=True so the offloaded modules stay unquantized in float32."
+        )

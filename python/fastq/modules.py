@@ -1,0 +1,102 @@
+"""bitsandbytes parameters built from fastq's packed buffers: nothing is quantized a second time.
+
+``Params4bit`` is created with ``bnb_quantized=True`` and its ``QuantState``; ``Int8Params`` with its
+int8 data, ``CB`` and ``SCB``. Moving them to a device moves the packed bytes and statistics only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+__all__ = ["set_4bit", "set_int8", "prequantized_4bit", "prequantized_int8", "set_plain", "get_submodule"]
+
+
+def get_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def _device(device) -> torch.device:
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def set_4bit(module, packed: torch.Tensor, state, device) -> None:
+    """Installs a packed 4-bit weight (``fastq.ops``-style result) on a ``Linear4bit``."""
+    import bitsandbytes as bnb
+
+    w = bnb.nn.Params4bit(
+        data=packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=packed.dtype,
+        module=module,
+        bnb_quantized=True,
+    )
+    device = _device(device)
+    if device.type != "cpu":
+        w = w.to(device)  # bnb_quantized: moves bytes and QuantState, never re-quantizes
+    module.weight = w
+    module.quant_state = w.quant_state
+
+
+def prequantized_4bit(module, weight: torch.Tensor, stats: dict[str, torch.Tensor], device) -> None:
+    """Installs a 4-bit weight saved by transformers/bitsandbytes (``Params4bit.from_prequantized``)."""
+    import bitsandbytes as bnb
+
+    w = bnb.nn.Params4bit.from_prequantized(
+        data=weight, quantized_stats=stats, requires_grad=False, device=_device(device), module=module
+    )
+    module.weight = w
+
+
+def set_int8(module, cb: torch.Tensor, scb: torch.Tensor, device) -> None:
+    """Installs an LLM.int8 weight (CB, SCB) on a ``Linear8bitLt``."""
+    import bitsandbytes as bnb
+
+    w = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+    w.CB, w.SCB = cb, scb
+    device = _device(device)
+    if device.type != "cpu":
+        w = w.to(device)  # int8 data: moved, not quantized again
+    module.weight = w
+
+
+def prequantized_int8(module, weight: torch.Tensor, scb: torch.Tensor, device) -> None:
+    """Installs an int8 weight saved by transformers/bitsandbytes."""
+    set_int8(module, weight, scb.to(torch.float32), device)
+
+
+def set_plain(model: torch.nn.Module, name: str, value: torch.Tensor, device, dtype=None) -> None:
+    """Puts an unquantized tensor in place (a parameter or a buffer), converting dtype if asked.
+
+    On the CPU with the checkpoint's dtype this keeps the memory-mapped tensor: no copy.
+    """
+    import bitsandbytes as bnb
+
+    mod_name, _, leaf = name.rpartition(".")
+    module = get_submodule(model, mod_name)
+    device = _device(device)
+    if dtype is not None and value.dtype != dtype:
+        value = value.to(dtype)
+    if device.type != "cpu":
+        value = value.to(device, non_blocking=device.type == "cuda")
+    old = module._parameters.get(leaf)
+    if old is not None or leaf in module._parameters:
+        if isinstance(old, bnb.nn.Int8Params):  # llm_int8_has_fp16_weight: 16-bit main weights
+            module._parameters[leaf] = bnb.nn.Int8Params(value, requires_grad=old.requires_grad, has_fp16_weights=True)
+        else:
+            requires_grad = old.requires_grad if old is not None else False
+            module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
+    else:
+        module._buffers[leaf] = value
+
+
+def quant_state_json(raw: torch.Tensor) -> dict:
+    """The JSON saved as ``weight.quant_state.bitsandbytes__*`` (uint8 bytes)."""
+    return json.loads(bytes(raw.cpu().numpy().tobytes()).decode("utf-8"))

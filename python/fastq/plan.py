@@ -1,0 +1,185 @@
+"""Which tensor goes where: the plan shared by ``fastq.load`` and ``fastq convert``.
+
+Given a model skeleton whose ``nn.Linear`` layers were already swapped for bitsandbytes modules (by
+transformers' own ``replace_with_bnb_linear``, so the choice of modules is transformers'), the plan
+maps every parameter of the model to its source in the checkpoint and says how to produce it:
+quantize (4-bit / int8), read pre-quantized bytes, or copy as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import FastqError
+
+__all__ = ["Entry", "Plan", "make_plan", "QUANT_STATE_SUFFIXES"]
+
+#: Tensors bitsandbytes saves beside a 4-bit weight (``weight.`` + one of these).
+QUANT_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+@dataclass
+class Entry:
+    """One parameter of the model and where it comes from.
+
+    kind: "4bit" / "int8" (quantize ``source``), "4bit-pre" / "int8-pre" (read packed tensors that
+    start with ``source``), "plain" (copy ``source``), or "tied" (same tensor as ``tied_to``).
+    """
+
+    name: str
+    module: str
+    kind: str
+    source: str | None = None
+    transpose: bool = False
+    dtype: torch.dtype | None = None
+    nbytes: int = 0
+    tied_to: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    entries: list[Entry]
+    missing: list[str]
+    unused: list[str]
+
+    def by_kind(self, *kinds: str) -> list[Entry]:
+        return [e for e in self.entries if e.kind in kinds]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+def _candidates(name: str, prefix: str) -> list[str]:
+    """Checkpoint names a model parameter may be stored under (with or without the base prefix)."""
+    out = [name]
+    if prefix:
+        if name.startswith(prefix + "."):
+            out.append(name[len(prefix) + 1 :])
+        else:
+            out.append(f"{prefix}.{name}")
+    return out
+
+
+def _alias_groups(model: torch.nn.Module) -> dict[str, str]:
+    """For parameters shared under several names (tied weights): alias name -> first name."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = id(p)
+        if key in first:
+            alias[name] = first[key]
+        else:
+            first[key] = name
+    return alias
+
+
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    src = getattr(module, "source_cls", None)
+    return src is not None and src.__name__ == "Conv1D"
+
+
+def make_plan(
+    model: torch.nn.Module,
+    ckpt: Checkpoint,
+    *,
+    dtype_of: dict[str, torch.dtype] | None = None,
+    quantize_fp16_weights: bool = True,
+) -> Plan:
+    """Maps every parameter and persistent buffer of ``model`` to the checkpoint.
+
+    Args:
+        model: the skeleton (meta tensors), bitsandbytes modules already in place.
+        ckpt: the opened checkpoint.
+        dtype_of: target dtype per parameter name for unquantized tensors (default: the skeleton's).
+        quantize_fp16_weights: False for ``llm_int8_has_fp16_weight`` (int8 modules keep 16-bit weights).
+
+    Returns:
+        The plan; ``missing`` lists parameters found nowhere in the checkpoint (and not tied).
+    """
+    import bitsandbytes as bnb
+
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    keys = set(ckpt.keys())
+    alias = _alias_groups(model)
+    dtype_of = dtype_of or {}
+    entries: list[Entry] = []
+    missing: list[str] = []
+    used: set[str] = set()
+    modules = dict(model.named_modules())
+
+    def find(name: str) -> str | None:
+        return next((c for c in _candidates(name, prefix) if c in keys), None)
+
+    state = model.state_dict(keep_vars=True)
+    tensors = {n: t for n, t in state.items()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tensors.setdefault(name, p)
+    for name, t in tensors.items():
+        mod_name, _, leaf = name.rpartition(".")
+        module = modules.get(mod_name)
+        if name in alias:
+            entries.append(Entry(name, mod_name, "tied", tied_to=alias[name]))
+            continue
+        src = find(name)
+        if src is None:
+            # A tied weight saved under its alias (e.g. lm_head stored, embeddings not).
+            twins = [a for a, f in alias.items() if f == name]
+            src = next((find(a) for a in twins if find(a)), None)
+        quantized = isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and leaf == "weight"
+        if src is None:
+            if quantized or isinstance(t, torch.nn.Parameter):
+                missing.append(name)
+            continue
+        used.add(src)
+        meta = ckpt.meta(src)
+        if quantized and isinstance(module, bnb.nn.Linear4bit):
+            pre = [k for k in keys if k.startswith(src + ".quant_state.bitsandbytes__")]
+            if pre:
+                extra = {s: f"{src}.{s}" for s in QUANT_STATE_SUFFIXES if f"{src}.{s}" in keys}
+                extra["quant_state"] = pre[0]
+                used.update(extra.values())
+                entries.append(Entry(name, mod_name, "4bit-pre", src, nbytes=meta.nbytes, extra=extra))
+            else:
+                entries.append(Entry(name, mod_name, "4bit", src, _is_conv1d(module), nbytes=meta.nbytes))
+            continue
+        if quantized and isinstance(module, bnb.nn.Linear8bitLt):
+            scb = next((c for c in (f"{mod_name}.SCB", f"{src}.SCB") if c in keys), None)
+            if scb is None and src.endswith(".weight"):
+                scb = src[: -len("weight")] + "SCB" if src[: -len("weight")] + "SCB" in keys else None
+            if meta.dtype == "I8" and scb is not None:
+                extra = {"SCB": scb}
+                fmt = src[: -len("weight")] + "weight_format"
+                if fmt in keys:
+                    extra["weight_format"] = fmt
+                used.update(extra.values())
+                entries.append(Entry(name, mod_name, "int8-pre", src, nbytes=meta.nbytes, extra=extra))
+            elif quantize_fp16_weights:
+                entries.append(Entry(name, mod_name, "int8", src, _is_conv1d(module), nbytes=meta.nbytes))
+            else:
+                dt = dtype_of.get(name) or _float_dtype(t)
+                entries.append(Entry(name, mod_name, "plain", src, _is_conv1d(module), dt, meta.nbytes))
+            continue
+        dt = dtype_of.get(name) or _float_dtype(t) if meta.torch_dtype.is_floating_point else None
+        entries.append(Entry(name, mod_name, "plain", src, dtype=dt, nbytes=meta.nbytes))
+    # Keys transformers writes that a plan consumes implicitly.
+    unused = sorted(k for k in keys - used if not k.endswith(".weight_format"))
+    return Plan(entries, missing, unused)
+
+
+def _float_dtype(t: torch.Tensor) -> torch.dtype | None:
+    return t.dtype if t.dtype.is_floating_point else None
+
+
+def check_complete(plan: Plan, where: str) -> None:
+    """Raises if the checkpoint lacks parameters the model needs."""
+    if plan.missing:
+        shown = ", ".join(plan.missing[:8]) + (" ..." if len(plan.missing) > 8 else "")
+        raise FastqError(
+            f"{where}: the checkpoint has no tensor for {len(plan.missing)} parameter(s) of the model: {shown}. "
+            "Is this the right checkpoint for this architecture?"
+        )
