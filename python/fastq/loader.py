@@ -96,6 +96,8 @@ def build_empty(folder, dtype: torch.dtype, trust_remote_code: bool = False) -> 
             model = cls._from_config(config, dtype=dtype)
         else:
             model = transformers.AutoModel.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # shared parameters become one object, so the plan sees them as aliases
     return model
 
 
