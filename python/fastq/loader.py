@@ -120,13 +120,21 @@ def _replace_modules(model, qcfg: QuantConfig, device_map, dtype):
         extra = qcfg.keep_in_fp32_modules or []
         if extra:  # accelerate's keep_in_fp32_modules: never quantized, kept in float32
             model._keep_in_fp32_modules = list(dict.fromkeys((model._keep_in_fp32_modules or []) + extra))
-        hfq.preprocess_model(
-            model=model,
-            dtype=dtype,
-            device_map=device_map if isinstance(device_map, dict) else None,
-            checkpoint_files=[],
-            use_kernels=False,
-        )
+        # transformers swaps the modules inside its init context, whose default dtype is the model's
+        # (modeling_utils.py, `get_init_context` / `local_torch_dtype`): the new modules' biases are
+        # created in that dtype, and the loader keeps an unquantized tensor's skeleton dtype.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            hfq.preprocess_model(
+                model=model,
+                dtype=dtype,
+                device_map=device_map if isinstance(device_map, dict) else None,
+                checkpoint_files=[],
+                use_kernels=False,
+            )
+        finally:
+            torch.set_default_dtype(previous)
         return hfq
     from accelerate.utils.bnb import get_keys_to_not_convert, replace_with_bnb_layers
 
