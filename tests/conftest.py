@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny transformers models of each family, saved as transformers saves them.
+
+Dimensions follow what bitsandbytes' CPU 4-bit matmul needs on an AVX512-BF16 CPU: it repacks the
+weights and requires ``out_features % 32 == 0`` and ``in_features % 64 == 0`` (blocksize), so every
+linear layer here is a multiple of 64 on both sides; otherwise transformers' own 4-bit model (the
+reference) crashes in its forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Small enough that a family loads and runs in well under a second on 2 cores, big enough that every
+# 4-bit weight has a few hundred blocks and every double-quantized one more than one 256-block group.
+HIDDEN = 128
+INTERMEDIATE = 384
+VOCAB = 1000
+HEADS = 4
+LAYERS = 2
+POSITIONS = 128
+
+#: Families ``tiny_model`` builds: name -> (transformers config class, model class) names.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "opt": ("OPTConfig", "OPTForCausalLM"),
+    "bloom": ("BloomConfig", "BloomForCausalLM"),
+    "bert": ("BertConfig", "BertModel"),
+    "t5": ("T5Config", "T5ForConditionalGeneration"),
+}
+
+
+def tiny_config(family: str):
+    """The transformers config of a tiny ``family`` model (see ``FAMILIES``)."""
+    import transformers
+
+    cfg_cls = getattr(transformers, FAMILIES[family][0])
+    if family == "llama":
+        return cfg_cls(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS,
+            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    if family == "gpt2":  # Conv1D layers, tied lm_head
+        return cfg_cls(
+            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=POSITIONS,
+            n_inner=INTERMEDIATE, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    if family == "opt":
+        return cfg_cls(
+            vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=INTERMEDIATE, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, max_position_embeddings=POSITIONS, word_embed_proj_dim=HIDDEN,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    if family == "bloom":  # query_key_value: 3 * HIDDEN outputs, dense_h_to_4h: 4 * HIDDEN
+        return cfg_cls(
+            vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    if family == "bert":
+        return cfg_cls(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, max_position_embeddings=POSITIONS, pad_token_id=0,
+        )
+    if family == "t5":  # encoder-decoder; T5 keeps its "wo" layers in float32 (_keep_in_fp32_modules)
+        return cfg_cls(
+            vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=INTERMEDIATE, num_layers=LAYERS,
+            num_decoder_layers=LAYERS, num_heads=HEADS, decoder_start_token_id=0, pad_token_id=0,
+            eos_token_id=1,
+        )
+    raise KeyError(f"unknown family {family!r}; one of {sorted(FAMILIES)}")
+
+
+def build_tiny(family: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A tiny ``family`` model with seeded random weights, in ``dtype``, in eval mode."""
+    import transformers
+
+    config = tiny_config(family)
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILIES[family][1])(config)
+    with torch.no_grad():  # initializers leave some tensors (biases, norms) at 0/1: make every one count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory ``tiny_model(family, dtype=torch.bfloat16) -> str``: the folder where a tiny model of
+    ``family`` (see ``FAMILIES``) was saved by ``save_pretrained`` (config.json + model.safetensors).
+    Built once per (family, dtype) and session; treat the folder as read-only."""
+    cache: dict[tuple[str, torch.dtype], str] = {}
+
+    def make(family: str, dtype: torch.dtype = torch.bfloat16) -> str:
+        key = (family, dtype)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{family}-{str(dtype).removeprefix('torch.')}")
+            build_tiny(family, dtype).save_pretrained(folder)
+            cache[key] = os.fspath(folder)
+        return cache[key]
+
+    return make
