@@ -66,11 +66,32 @@ def _quant_config(cfg, raw_config: dict) -> tuple[QuantConfig | None, bool]:
     return QuantConfig.coerce(cfg), False
 
 
+def _transformers_default_dtype() -> str | None:
+    """What ``from_pretrained`` does without ``dtype=``: transformers 5 reads config.json (``"auto"``),
+    transformers 4 used torch's default dtype (modeling_utils.py, ``from_pretrained``: ``dtype = "auto"``)."""
+    import transformers
+
+    return "auto" if int(transformers.__version__.split(".")[0]) >= 5 else None
+
+
+def _explicit_dtype(dtype, qcfg: QuantConfig | None) -> bool:
+    return dtype is not None or (qcfg is not None and qcfg.torch_dtype is not None)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype an empty model was built in (its first floating parameter's)."""
+    first = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
+    return first or torch.get_default_dtype()
+
+
 def _resolve_dtype(dtype, qcfg: QuantConfig | None, raw_config: dict) -> torch.dtype:
-    """dtype of the unquantized layers: the argument, else the config's torch_dtype, else the checkpoint's
-    (``"auto"``) - the same rules as transformers' ``dtype=``; None means torch's default (float32)."""
+    """dtype of the unquantized layers: the argument, else the config's torch_dtype, else what the installed
+    transformers' ``from_pretrained`` picks without ``dtype=`` ("auto": config.json's dtype, on transformers
+    5; torch's default, float32, on transformers 4)."""
     if dtype is None and qcfg is not None and qcfg.torch_dtype is not None:
         dtype = qcfg.torch_dtype
+    if dtype is None:
+        dtype = _transformers_default_dtype()
     if dtype == "auto":
         name = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32"
         dtype = getattr(torch, str(name).removeprefix("torch."))
@@ -147,8 +168,13 @@ def _replace_modules(model, qcfg: QuantConfig, device_map, dtype):
     return None
 
 
-def _dtype_of(model, dtype: torch.dtype, qcfg: QuantConfig | None) -> dict[str, torch.dtype]:
-    """Per-parameter dtype for unquantized tensors (keep-in-fp32 rules of transformers and accelerate)."""
+def _dtype_of(model, dtype: torch.dtype, qcfg: QuantConfig | None, cast: bool = False) -> dict[str, torch.dtype]:
+    """Per-parameter dtype for unquantized tensors (keep-in-fp32 rules of transformers and accelerate).
+
+    ``cast``: every floating tensor outside the keep-in-fp32 rules goes to ``dtype`` (a model passed by the
+    caller with a dtype asked for: accelerate's ``load_checkpoint_in_model(dtype=torch_dtype)``); otherwise
+    the skeleton's dtype stays, as transformers keeps an empty parameter's dtype (core_model_loading.py).
+    """
     patterns: list[str] = []
     plan_fn = getattr(model, "_get_dtype_plan", None)
     if plan_fn is not None:
@@ -159,7 +185,7 @@ def _dtype_of(model, dtype: torch.dtype, qcfg: QuantConfig | None) -> dict[str, 
     for name, p in model.named_parameters(remove_duplicate=False):
         if not p.dtype.is_floating_point:
             continue
-        out[name] = torch.float32 if any(pat in name for pat in patterns) else p.dtype
+        out[name] = torch.float32 if any(pat in name for pat in patterns) else dtype if cast else p.dtype
     return out
 
 
@@ -194,7 +220,9 @@ def load(
             "sequential", or a dict of module name -> device ("cpu", "disk", GPU index).
         model: an empty model built under ``accelerate.init_empty_weights()``; default: built from
             config.json's ``architectures``.
-        dtype: dtype of the unquantized layers (torch dtype, its name, or "auto" for the config's).
+        dtype: dtype of the unquantized layers (torch dtype, its name, or "auto" for the config's);
+            default: the config's ``torch_dtype``, else what ``from_pretrained`` picks ("auto" on
+            transformers 5). With ``model=`` and no dtype asked for, the model's own dtype.
         max_memory: per-device limits for the device-map strategies.
         offload_folder: where weights mapped to "disk" go.
         trust_remote_code: passed to transformers when building the model from its config.
@@ -207,7 +235,13 @@ def load(
     src = Source(path)
     raw_config = src.raw_config()
     qcfg, prequantized = _quant_config(cfg, raw_config)
-    dtype = _resolve_dtype(dtype, qcfg, raw_config)
+    # A caller's empty model keeps its own dtype unless one is asked for (then every floating tensor is
+    # cast to it, as accelerate's load_and_quantize_model casts to torch_dtype).
+    cast = model is not None and _explicit_dtype(dtype, qcfg)
+    if model is not None and not cast:
+        dtype = _model_dtype(model)
+    else:
+        dtype = _resolve_dtype(dtype, qcfg, raw_config)
     ckpt = Checkpoint(src.weights)
     if model is None:
         if src.config_path is None:
@@ -229,7 +263,7 @@ def load(
     plan = make_plan(
         model,
         ckpt,
-        dtype_of=_dtype_of(model, dtype, qcfg),
+        dtype_of=_dtype_of(model, dtype, qcfg, cast),
         quantize_fp16_weights=not (qcfg is not None and qcfg.llm_int8_has_fp16_weight),
     )
     check_complete(plan, str(src.path))
