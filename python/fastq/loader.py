@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from .errors import ConfigError, MissingFileError
 from .modules import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .plan import Plan, check_complete, make_plan
 
-__all__ = ["load", "load_and_quantize_model", "resolve_source", "build_empty"]
+__all__ = ["Prepared", "build_empty", "load", "load_and_quantize_model", "prepare", "resolve_source"]
 
 
 class Source:
@@ -260,6 +261,14 @@ def load(
                 trust_remote_code=trust_remote_code, progress=progress, threads=threads,
             )
         dmap_mod.check_offload(dmap, quantized, qcfg.llm_int8_enable_fp32_cpu_offload)
+    plan = _plan(model, ckpt, src, dtype, qcfg, prequantized, cast)
+    offload_index = _fill(model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads)
+    _finalize(model, plan, dmap, hfq, qcfg, offload_folder, offload_index)
+    return model
+
+
+def _plan(model, ckpt: Checkpoint, src: Source, dtype: torch.dtype, qcfg, prequantized: bool, cast=False) -> Plan:
+    """The plan of ``model`` over ``ckpt``, checked complete: shared by ``load`` and ``prepare``."""
     plan = make_plan(
         model,
         ckpt,
@@ -270,9 +279,49 @@ def load(
     if prequantized and plan.by_kind("4bit", "int8"):
         names = ", ".join(e.name for e in plan.by_kind("4bit", "int8")[:3])
         raise ConfigError(f"{src.path} says it is quantized but holds unquantized weights for {names}")
-    offload_index = _fill(model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads)
-    _finalize(model, plan, dmap, hfq, qcfg, offload_folder, offload_index)
-    return model
+    return plan
+
+
+@dataclass
+class Prepared:
+    """What ``load`` decides before it reads a weight: the empty model (meta parameters, bitsandbytes
+    modules in place), the plan, the resolved config and dtype, the opened checkpoint."""
+
+    model: torch.nn.Module
+    plan: Plan
+    qcfg: QuantConfig | None
+    dtype: torch.dtype
+    ckpt: Checkpoint
+    source: Source
+    prequantized: bool
+    hf_quantizer: object | None
+
+
+def prepare(path, cfg=None, *, dtype=None, trust_remote_code: bool = False) -> Prepared:
+    """The decisions of ``load(path, cfg, device_map="cpu", dtype=dtype)`` without loading anything:
+    the skeleton is built on the meta device (no memory) and planned by the same code as ``load``.
+    ``fastq.convert`` and ``fastq inspect`` use it, so they quantize exactly what ``load`` quantizes.
+
+    Args:
+        path: a folder with config.json and safetensors.
+        cfg: as for ``load``.
+        dtype: as for ``load``.
+        trust_remote_code: passed to transformers when building the model from its config.
+
+    Returns:
+        A ``Prepared``.
+    """
+    src = Source(path)
+    raw_config = src.raw_config()
+    qcfg, prequantized = _quant_config(cfg, raw_config)
+    dtype = _resolve_dtype(dtype, qcfg, raw_config)
+    ckpt = Checkpoint(src.weights)
+    if src.config_path is None:
+        raise ConfigError(f"{src.path}: no config.json beside the weights")
+    model = build_empty(src.folder, dtype, trust_remote_code)
+    hfq = _replace_modules(model, qcfg, None, dtype) if qcfg is not None else None
+    plan = _plan(model, ckpt, src, dtype, qcfg, prequantized)
+    return Prepared(model, plan, qcfg, dtype, ckpt, src, prequantized, hfq)
 
 
 def _fill(model, ckpt: Checkpoint, plan: Plan, dmap: dict, qcfg, offload_folder, progress: bool, threads):
