@@ -50,6 +50,8 @@ pub struct Shard {
     pub metadata: BTreeMap<String, String>,
     /// Start of the data section.
     pub data_start: usize,
+    /// The open file, for positioned reads (`TensorReader`).
+    pub file: File,
 }
 
 /// An opened, validated checkpoint.
@@ -243,6 +245,21 @@ impl Checkpoint {
         }
     }
 
+    /// A reader of `t` that fetches chunks with positioned reads instead of touching the mapping.
+    pub fn reader<'a>(&'a self, t: &'a TensorInfo) -> Result<TensorReader<'a>> {
+        if !t.dtype.is_float_input() {
+            return Err(Error::UnsupportedDtype {
+                path: self.path_of(t).to_path_buf(),
+                tensor: t.name.clone(),
+                dtype: t.dtype.to_string(),
+            });
+        }
+        Ok(TensorReader {
+            shard: &self.shards[t.shard],
+            info: t,
+        })
+    }
+
     /// Total bytes of tensor data.
     pub fn total_bytes(&self) -> usize {
         self.tensors.iter().map(|t| t.nbytes()).sum()
@@ -354,10 +371,49 @@ fn map_shard(path: &Path) -> Result<(Shard, Vec<TensorInfo>)> {
         }
     }
     let shard = Shard {
+        file,
         path: path.to_path_buf(),
         map: Arc::new(map),
         metadata,
         data_start,
     };
     Ok((shard, infos))
+}
+
+/// Reads a float tensor chunk by chunk with `pread` into a per-thread buffer (see `ChunkSource`).
+pub struct TensorReader<'a> {
+    shard: &'a Shard,
+    info: &'a TensorInfo,
+}
+
+thread_local! {
+    static CHUNK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl crate::pack::ChunkSource for TensorReader<'_> {
+    fn len(&self) -> usize {
+        self.info.numel()
+    }
+
+    fn with_chunk<R>(
+        &self,
+        start: usize,
+        end: usize,
+        f: impl FnOnce(FloatSlice) -> Result<R>,
+    ) -> Result<R> {
+        use std::os::unix::fs::FileExt;
+        let size = self.info.dtype.size();
+        let (a, b) = (start * size, end * size);
+        CHUNK_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.resize(b - a, 0);
+            self.shard
+                .file
+                .read_exact_at(&mut buf[..], (self.info.start + a) as u64)
+                .map_err(|e| Error::io(&self.shard.path, e))?;
+            let x = FloatSlice::new(self.info.dtype, &buf[..])
+                .expect("float dtype checked in reader()");
+            f(x)
+        })
+    }
 }

@@ -83,10 +83,54 @@ impl Packed {
 /// Elements per parallel chunk of one tensor (a multiple of every blocksize).
 const CHUNK: usize = 1 << 18;
 
+/// Where a quantizer reads its input from, one chunk at a time: a slice already in memory, or a file
+/// read with `pread` into a small per-thread buffer (no page faults, no resident mapping, and the
+/// chunk is still in cache when it is quantized).
+pub trait ChunkSource: Sync {
+    /// Number of elements.
+    fn len(&self) -> usize;
+    /// True when there are no elements.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Calls `f` with elements `start..end`.
+    fn with_chunk<R>(
+        &self,
+        start: usize,
+        end: usize,
+        f: impl FnOnce(FloatSlice) -> Result<R>,
+    ) -> Result<R>;
+}
+
+impl ChunkSource for FloatSlice<'_> {
+    fn len(&self) -> usize {
+        FloatSlice::len(self)
+    }
+    fn with_chunk<R>(
+        &self,
+        start: usize,
+        end: usize,
+        f: impl FnOnce(FloatSlice) -> Result<R>,
+    ) -> Result<R> {
+        f(self.slice(start, end))
+    }
+}
+
 /// Quantizes one tensor, splitting it across the current rayon pool when it is large. Errors carry
 /// no file or tensor name; callers add them with `Error::at`.
 pub fn quantize_tensor(
     x: FloatSlice,
+    shape: &[usize],
+    dtype: Dtype,
+    spec: QuantSpec,
+    kernel: Kernel,
+) -> Result<Packed> {
+    quantize_source(&x, shape, dtype, spec, kernel)
+}
+
+/// `quantize_tensor` over any `ChunkSource`.
+pub fn quantize_source<S: ChunkSource>(
+    x: &S,
     shape: &[usize],
     dtype: Dtype,
     spec: QuantSpec,
@@ -112,13 +156,15 @@ pub fn quantize_tensor(
                 .try_for_each(|(c, (codes, absmax))| {
                     let start = c * CHUNK;
                     let end = (start + CHUNK).min(n);
-                    quantize_4bit_into(
-                        x.slice(start, end),
-                        quant_type,
-                        blocksize,
-                        kernel,
-                        Out4 { codes, absmax },
-                    )
+                    x.with_chunk(start, end, |chunk| {
+                        quantize_4bit_into(
+                            chunk,
+                            quant_type,
+                            blocksize,
+                            kernel,
+                            Out4 { codes, absmax },
+                        )
+                    })
                     .map_err(|e| shift_index(e, start))
                 })?;
             let nested = double_quant.then(|| quantize_nested(&absmax));
@@ -150,8 +196,10 @@ pub fn quantize_tensor(
                 .enumerate()
                 .try_for_each(|(c, (cb, scb))| {
                     let start = c * rows_per * cols;
-                    quantize_int8_into(x.slice(start, start + cb.len()), cols, kernel, cb, scb)
-                        .map_err(|e| shift_index(e, start))
+                    x.with_chunk(start, start + cb.len(), |chunk| {
+                        quantize_int8_into(chunk, cols, kernel, cb, scb)
+                    })
+                    .map_err(|e| shift_index(e, start))
                 })?;
             Ok(Packed::Int8(PackedInt8 {
                 cb,

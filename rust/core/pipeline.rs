@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::pack::{quantize_tensor, Packed, QuantSpec};
+use crate::pack::{quantize_source, quantize_tensor, Packed, QuantSpec};
 use crate::quant::Kernel;
 
 /// Knobs of a pipeline run.
@@ -99,21 +99,27 @@ pub fn quantize_named(
 pub fn quantize_job(ckpt: &Checkpoint, job: &Job, kernel: Kernel) -> Result<Packed> {
     let t = ckpt.info(&job.name)?;
     let path = ckpt.path_of(t);
-    let x = ckpt.floats(t)?;
     let at = |e: Error| e.at(path, &job.name);
     if !job.transpose {
-        return quantize_tensor(x, &t.shape, t.dtype, job.spec, kernel).map_err(at);
+        // Positioned reads, chunk by chunk: see `TensorReader`.
+        let reader = ckpt.reader(t)?;
+        return quantize_source(&reader, &t.shape, t.dtype, job.spec, kernel).map_err(at);
     }
+    ckpt.floats(t)?; // checks the dtype
     if t.shape.len() != 2 {
         return Err(at(Error::BadShape {
             path: Default::default(),
             tensor: String::new(),
-            reason: format!("only a 2-D weight can be transposed, got shape {:?}", t.shape),
+            reason: format!(
+                "only a 2-D weight can be transposed, got shape {:?}",
+                t.shape
+            ),
         }));
     }
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let bytes = transpose_bytes(ckpt.bytes(t), rows, cols, t.dtype.size());
-    let xt = crate::dtype::FloatSlice::new(t.dtype, &bytes).expect("float dtype checked by floats()");
+    let xt =
+        crate::dtype::FloatSlice::new(t.dtype, &bytes).expect("float dtype checked by floats()");
     quantize_tensor(xt, &[cols, rows], t.dtype, job.spec, kernel).map_err(at)
 }
 
