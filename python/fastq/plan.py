@@ -8,12 +8,13 @@ quantize (4-bit / int8), read pre-quantized bytes, or copy as is.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import FastqError
+from .errors import FastqError, ShapeError
 
 __all__ = ["Entry", "Plan", "make_plan", "QUANT_STATE_SUFFIXES"]
 
@@ -137,38 +138,63 @@ def make_plan(
             continue
         used.add(src)
         meta = ckpt.meta(src)
+        transpose = quantized and _is_conv1d(module)
         if quantized and isinstance(module, bnb.nn.Linear4bit):
             pre = [k for k in keys if k.startswith(src + ".quant_state.bitsandbytes__")]
             if pre:
+                _check_shape(name, t, ckpt.meta(pre[0]), _prequantized_shape(ckpt, pre[0]))
                 extra = {s: f"{src}.{s}" for s in QUANT_STATE_SUFFIXES if f"{src}.{s}" in keys}
                 extra["quant_state"] = pre[0]
                 used.update(extra.values())
                 entries.append(Entry(name, mod_name, "4bit-pre", src, nbytes=meta.nbytes, extra=extra))
             else:
-                entries.append(Entry(name, mod_name, "4bit", src, _is_conv1d(module), nbytes=meta.nbytes))
+                _check_shape(name, t, meta, meta.shape[::-1] if transpose else meta.shape)
+                entries.append(Entry(name, mod_name, "4bit", src, transpose, nbytes=meta.nbytes))
             continue
         if quantized and isinstance(module, bnb.nn.Linear8bitLt):
             scb = next((c for c in (f"{mod_name}.SCB", f"{src}.SCB") if c in keys), None)
             if scb is None and src.endswith(".weight"):
                 scb = src[: -len("weight")] + "SCB" if src[: -len("weight")] + "SCB" in keys else None
             if meta.dtype == "I8" and scb is not None:
+                _check_shape(name, t, meta, meta.shape)
                 extra = {"SCB": scb}
                 fmt = src[: -len("weight")] + "weight_format"
                 if fmt in keys:
                     extra["weight_format"] = fmt
                 used.update(extra.values())
                 entries.append(Entry(name, mod_name, "int8-pre", src, nbytes=meta.nbytes, extra=extra))
-            elif quantize_fp16_weights:
-                entries.append(Entry(name, mod_name, "int8", src, _is_conv1d(module), nbytes=meta.nbytes))
+                continue
+            _check_shape(name, t, meta, meta.shape[::-1] if transpose else meta.shape)
+            if quantize_fp16_weights:
+                entries.append(Entry(name, mod_name, "int8", src, transpose, nbytes=meta.nbytes))
             else:
                 dt = dtype_of.get(name) or _float_dtype(t)
-                entries.append(Entry(name, mod_name, "plain", src, _is_conv1d(module), dt, meta.nbytes))
+                entries.append(Entry(name, mod_name, "plain", src, transpose, dt, meta.nbytes))
             continue
+        _check_shape(name, t, meta, meta.shape)
         dt = dtype_of.get(name) or _float_dtype(t) if meta.torch_dtype.is_floating_point else None
         entries.append(Entry(name, mod_name, "plain", src, dtype=dt, nbytes=meta.nbytes))
     # Keys transformers writes that a plan consumes implicitly.
     unused = sorted(k for k in keys - used if not k.endswith(".weight_format"))
     return Plan(entries, missing, unused)
+
+
+def _prequantized_shape(ckpt: Checkpoint, quant_state_key: str) -> tuple[int, ...]:
+    """The unpacked weight shape a bitsandbytes ``quant_state`` JSON records."""
+    raw = ckpt.get(quant_state_key)
+    return tuple(json.loads(bytes(raw.numpy().tobytes()).decode("utf-8"))["shape"])
+
+
+def _check_shape(name: str, skeleton: torch.Tensor, meta, checkpoint_shape) -> None:
+    """The model's parameter ``name`` must have the shape the checkpoint's tensor ``meta`` gives it
+    (transformers refuses mismatched sizes too, unless ``ignore_mismatched_sizes``)."""
+    if tuple(skeleton.shape) != tuple(checkpoint_shape):
+        err = ShapeError(
+            f"{meta.file}: tensor '{meta.name}' gives {name} the shape {list(checkpoint_shape)}, but the model "
+            f"built from the config expects {list(skeleton.shape)}. Does config.json match these weights?"
+        )
+        err.path, err.tensor = meta.file, meta.name
+        raise err
 
 
 def _float_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -179,7 +205,9 @@ def check_complete(plan: Plan, where: str) -> None:
     """Raises if the checkpoint lacks parameters the model needs."""
     if plan.missing:
         shown = ", ".join(plan.missing[:8]) + (" ..." if len(plan.missing) > 8 else "")
-        raise FastqError(
+        err = FastqError(
             f"{where}: the checkpoint has no tensor for {len(plan.missing)} parameter(s) of the model: {shown}. "
             "Is this the right checkpoint for this architecture?"
         )
+        err.path, err.tensor = where, plan.missing[0]
+        raise err
