@@ -141,7 +141,10 @@ def _replace_modules(model, qcfg: QuantConfig, device_map, dtype):
         hfq = _hf_quantizer(qcfg)
         extra = qcfg.keep_in_fp32_modules or []
         if extra:  # accelerate's keep_in_fp32_modules: never quantized, kept in float32
-            model._keep_in_fp32_modules = list(dict.fromkeys((model._keep_in_fp32_modules or []) + extra))
+            # transformers 5 holds a set here (modeling_utils.py, post_init), transformers 4 a list
+            current = model._keep_in_fp32_modules or []
+            merged = list(dict.fromkeys([*current, *extra]))
+            model._keep_in_fp32_modules = set(merged) if isinstance(current, set) else merged
         # transformers swaps the modules inside its init context, whose default dtype is the model's
         # (modeling_utils.py, `get_init_context` / `local_torch_dtype`): the new modules' biases are
         # created in that dtype, and the loader keeps an unquantized tensor's skeleton dtype.
