@@ -451,7 +451,7 @@ def test_int8_needs_2d():
 
 
 def test_kernel_name():
-    assert fastq.ops.kernel_name() in ("avx2", "scalar")
+    assert fastq.ops.kernel_name() in ("avx512", "avx2", "scalar")
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES + [512, 1024, 2048])
@@ -490,20 +490,41 @@ def half_gap(quant_type: str) -> float:
     return float((c[1:] - c[:-1]).max()) / 2
 
 
+def bnb_generic_dequantize(packed, state) -> torch.Tensor:
+    """bitsandbytes' generic (``backends/default/ops.py``) 4-bit dequantization, without torch.compile."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    code = F.get_4bit_type(state.quant_type, device=packed.device)
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    flat = packed.reshape(-1).view(torch.uint8)
+    return compute(flat, absmax.float(), code, state.blocksize, state.shape, state.dtype)
+
+
+# (8, 1397): odd rows, which bitsandbytes' CPU dequantizer sends to its generic kernel; (16, 4096): rows
+# that hold whole blocks, which its C++ kernel decodes; (64, 48): rows that cross blocks (see below).
+ROUND_TRIP_SHAPES = [(8, 1397), (16, 4096), (64, 48)]
+
+
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 @pytest.mark.parametrize("blocksize", [64, 256, 4096])
-def test_4bit_round_trip_error_bound(blocksize, dtype, quant_type, compress):
+@pytest.mark.parametrize("shape", ROUND_TRIP_SHAPES, ids=str)
+def test_4bit_round_trip_error_bound(shape, blocksize, dtype, quant_type, compress):
     """Every element comes back within half the largest gap of the code, times its block's absmax
     (plus, with double quantization, the error of the stored absmax and the output dtype's rounding).
     Both dequantizers accept fastq's state, whatever the storage dtype of the packed bytes."""
-    shape = (8, 1397)  # an even number of packed bytes, and a tail for every blocksize
-    t = values("randn", shape, dtype, gen("rt", blocksize, dtype)) * 3
-    packed, state = fastq.ops.quantize_4bit(t, blocksize, quant_type, compress, quant_storage=torch.bfloat16)
+    t = values("randn", shape, dtype, gen("rt", shape, blocksize, dtype)) * 3
+    storage = torch.bfloat16 if t.numel() % 4 == 0 else torch.uint8
+    packed, state = fastq.ops.quantize_4bit(t, blocksize, quant_type, compress, quant_storage=storage)
     out = fastq.ops.dequantize_4bit(packed, state)
     assert out.dtype == dtype and out.shape == t.shape
-    assert_bits_equal(F.dequantize_4bit(packed, state), out, "bnb dequantize")
+    assert_bits_equal(bnb_generic_dequantize(packed, state), out, "bnb generic dequantize")
+    if shape[-1] % blocksize == 0 or shape[-1] % 2:
+        assert_bits_equal(F.dequantize_4bit(packed, state), out, "bnb dequantize")
     absmax = nested_absmax_reference(t, blocksize, quant_type)
     stored = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if compress else state.absmax
     n = t.numel()
@@ -517,6 +538,19 @@ def test_4bit_round_trip_error_bound(blocksize, dtype, quant_type, compress):
     assert bool((err <= bound * (1 + 1e-6)).all()), f"max excess {float((err - bound).max())}"
     if quant_type == "nf4":  # and the error is what 4 bits give, not just under the bound
         assert float(err.mean() / t.float().abs().mean()) < 0.15
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bitsandbytes 0.50.2's C++ CPU dequantize_4bit decodes row by row as if each row started a "
+    "block, so rows that cross blocks (last dim even, not a multiple of the blocksize) get the wrong "
+    "absmax; fastq.ops.dequantize_4bit avoids that kernel. Strict: when bitsandbytes fixes it, this "
+    "passes and the workaround in fastq.ops can go.",
+)
+def test_bnb_cpu_dequantize_of_rows_crossing_blocks():
+    t = torch.randn(64, 48, generator=gen("bnb-dq-bug"))
+    packed, state = F.quantize_4bit(t, blocksize=64, quant_type="nf4")
+    assert_bits_equal(F.dequantize_4bit(packed, state), bnb_generic_dequantize(packed, state), "bnb")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)

@@ -7,6 +7,8 @@ buffers (no copy); the GIL is released while the kernels run.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _fastq
@@ -170,8 +172,38 @@ def quantize_int8(t: torch.Tensor, *, threads: int | None = None, reference: boo
     return int8_from_result(res, t.device)
 
 
-def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
-    """bitsandbytes' own dequantization (a convenience re-export for round trips)."""
-    from bitsandbytes.functional import dequantize_4bit as _dq
+def _rows_cross_blocks(packed: torch.Tensor, state) -> bool:
+    """Whether bitsandbytes' C++ CPU kernel would misread this weight: it decodes row by row as if every
+    row started a block, which is wrong when a row's length is not a multiple of the blocksize
+    (bitsandbytes 0.50.2, ``backends/cpu/ops.py``; its generic path, taken for odd rows, is right)."""
+    shape = tuple(state.shape)
+    return packed.device.type == "cpu" and len(shape) >= 2 and shape[-1] % state.blocksize != 0
 
-    return _dq(packed, state)
+
+def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """Dequantizes a 4-bit weight as bitsandbytes does (for round trips and tests).
+
+    Args:
+        packed: packed codes as ``quantize_4bit`` returns them (any ``quant_storage``).
+        state: its ``QuantState`` (nested or not).
+
+    Returns:
+        The weight in ``state.dtype`` and ``state.shape``: ``bitsandbytes.functional.dequantize_4bit``,
+        except on the CPU for weights whose rows cross blocks, which its C++ kernel misreads; those are
+        decoded as its generic kernel (``backends/default/ops.py``) does: code times block absmax in
+        float32, then cast.
+    """
+    from bitsandbytes import functional as bf
+
+    if not _rows_cross_blocks(packed, state):
+        return bf.dequantize_4bit(packed, state)
+    absmax = state.absmax
+    if state.nested:
+        absmax = bf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float()
+    n = math.prod(state.shape)
+    b = packed.reshape(-1).view(torch.uint8)
+    idx = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n].long()
+    code = bf.get_4bit_type(state.quant_type, device=packed.device)
+    out = code[idx] * absmax.repeat_interleave(state.blocksize)[:n]
+    return out.reshape(state.shape).to(state.dtype)
