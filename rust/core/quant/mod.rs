@@ -1,6 +1,6 @@
 //! bitsandbytes' quantized formats: 4-bit NF4/FP4 blockwise with optional double quantization of the
-//! statistics, and LLM.int8 row-wise. Each format has a scalar reference implementation and a fast
-//! one (AVX2 on x86-64 when the CPU has it); tests compare the two.
+//! statistics, and LLM.int8 row-wise. Each format has a scalar reference implementation and fast ones
+//! (AVX-512 or AVX2 on x86-64, whichever the CPU has); tests compare them.
 
 pub mod double;
 pub mod fourbit;
@@ -37,9 +37,27 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// Name of the kernel `Kernel::Auto` runs on this CPU ("avx2" or "scalar").
+/// True when the AVX-512 kernels can run on this CPU (F, BW and VL on top of what AVX2 needs). On
+/// such CPUs `Kernel::Auto` uses them in place of the AVX2 ones.
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Name of the kernel `Kernel::Auto` runs on this CPU ("avx512", "avx2" or "scalar").
 pub fn kernel_name() -> &'static str {
-    if has_avx2() {
+    if has_avx512() {
+        "avx512"
+    } else if has_avx2() {
         "avx2"
     } else {
         "scalar"

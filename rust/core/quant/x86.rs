@@ -1,5 +1,7 @@
-//! AVX2 (+F16C, FMA) kernels. Each computes exactly what the scalar reference in `fourbit.rs` /
-//! `int8.rs` computes (same IEEE operations in the same order per element); tests compare them.
+//! x86-64 kernels: AVX2 (+F16C, FMA) and AVX-512 (F, BW, VL). Each computes exactly what the scalar
+//! reference in `fourbit.rs` / `int8.rs` computes (same IEEE operations per element, same error
+//! index); the tests at the end compare all three. `quantize_4bit_full_blocks` and
+//! `quantize_int8_rows` pick AVX-512 when the CPU has it, else AVX2.
 
 use std::arch::x86_64::*;
 
@@ -58,12 +60,33 @@ unsafe fn buckets(s: __m256, bounds: &[__m256; 15]) -> __m256i {
     acc
 }
 
-/// Quantizes whole blocks (x.len() is a multiple of `blocksize`, itself a multiple of 32).
+/// Quantizes whole blocks (x.len() is a multiple of `blocksize`, itself a multiple of 32) with the
+/// widest kernel the CPU runs.
+///
+/// # Safety
+/// The CPU must support avx2, f16c and fma.
+pub(crate) unsafe fn quantize_4bit_full_blocks(
+    x: FloatSlice,
+    qt: QuantType,
+    blocksize: usize,
+    codes: &mut [u8],
+    absmax: &mut [f32],
+) -> Result<()> {
+    if super::has_avx512() {
+        // SAFETY: the CPU supports avx512f/bw/vl (checked just above) and avx2/f16c/fma (caller).
+        unsafe { avx512::quantize_4bit_full_blocks(x, qt, blocksize, codes, absmax) }
+    } else {
+        // SAFETY: the caller checked avx2, f16c and fma.
+        unsafe { quantize_4bit_full_blocks_avx2(x, qt, blocksize, codes, absmax) }
+    }
+}
+
+/// The AVX2 version of `quantize_4bit_full_blocks`.
 ///
 /// # Safety
 /// The CPU must support avx2, f16c and fma.
 #[target_feature(enable = "avx2,f16c,fma")]
-pub(crate) unsafe fn quantize_4bit_full_blocks(
+pub(crate) unsafe fn quantize_4bit_full_blocks_avx2(
     x: FloatSlice,
     qt: QuantType,
     blocksize: usize,
@@ -144,12 +167,31 @@ unsafe fn through_f16(v: __m256) -> __m256 {
     _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
 }
 
-/// Int8 row-wise quantization of whole rows.
+/// Int8 row-wise quantization of whole rows with the widest kernel the CPU runs.
+///
+/// # Safety
+/// The CPU must support avx2, f16c and fma.
+pub(crate) unsafe fn quantize_int8_rows(
+    x: FloatSlice,
+    cols: usize,
+    cb: &mut [i8],
+    scb: &mut [f32],
+) -> Result<()> {
+    if super::has_avx512() {
+        // SAFETY: the CPU supports avx512f/bw/vl (checked just above) and avx2/f16c/fma (caller).
+        unsafe { avx512::quantize_int8_rows(x, cols, cb, scb) }
+    } else {
+        // SAFETY: the caller checked avx2, f16c and fma.
+        unsafe { quantize_int8_rows_avx2(x, cols, cb, scb) }
+    }
+}
+
+/// The AVX2 version of `quantize_int8_rows`.
 ///
 /// # Safety
 /// The CPU must support avx2, f16c and fma.
 #[target_feature(enable = "avx2,f16c,fma")]
-pub(crate) unsafe fn quantize_int8_rows(
+pub(crate) unsafe fn quantize_int8_rows_avx2(
     x: FloatSlice,
     cols: usize,
     cb: &mut [i8],
@@ -215,4 +257,564 @@ pub(crate) unsafe fn quantize_int8_rows(
         }
     }
     Ok(())
+}
+
+/// AVX-512 (F, BW, VL) kernels: 16 lanes a vector, absmax from the integer maximum of the |x| bit
+/// patterns, and the 4-bit bucket found by a 4-step binary search through permuted bound tables.
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::first_nonfinite;
+    use crate::dtype::FloatSlice;
+    use crate::error::{Error, Result};
+    use crate::quant::fourbit::{QuantType, ABSMAX_FLOOR};
+    use crate::quant::int8::{overflow, through_f16 as through_f16_scalar};
+
+    /// Input formats, as const-generic tags so every kernel is compiled once per format.
+    const BF16: u8 = 0;
+    const F16: u8 = 1;
+    const F32: u8 = 2;
+
+    /// Bytes per element of format `D`.
+    const fn size<const D: u8>() -> usize {
+        if D == F32 {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// |x| bit pattern of +inf in format `D`: every larger pattern is NaN.
+    const fn inf_bits<const D: u8>() -> u32 {
+        match D {
+            BF16 => 0x7f80,
+            F16 => 0x7c00,
+            _ => 0x7f80_0000,
+        }
+    }
+
+    /// The value of a non-negative bit pattern of format `D` (exact).
+    fn widen_bits<const D: u8>(bits: u32) -> f32 {
+        match D {
+            BF16 => f32::from_bits(bits << 16),
+            F16 => half::f16::from_bits(bits as u16).to_f32(),
+            _ => f32::from_bits(bits),
+        }
+    }
+
+    /// 16 elements of format `D` starting at element `i` of `p`, widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    unsafe fn load16<const D: u8>(p: *const u8, i: usize) -> __m512 {
+        // SAFETY (all arms): the caller keeps i + 16 within the slice; unaligned loads.
+        match D {
+            BF16 => {
+                let h = _mm256_loadu_si256(p.add(i * 2) as *const __m256i);
+                // bf16 -> f32 is a 16-bit left shift of the bits.
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+            F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(i * 2) as *const __m256i)),
+            _ => _mm512_loadu_ps(p.add(i * 4) as *const f32),
+        }
+    }
+
+    /// Like `load16`, reading only the lanes set in `k` (the others are 0 and not touched in memory).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    unsafe fn load16_masked<const D: u8>(p: *const u8, i: usize, k: __mmask16) -> __m512 {
+        // SAFETY (all arms): masked-off lanes are not read, so only elements below the end are.
+        match D {
+            BF16 => {
+                let h = _mm256_maskz_loadu_epi16(k, p.add(i * 2) as *const i16);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+            F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p.add(i * 2) as *const i16)),
+            _ => _mm512_maskz_loadu_ps(k, p.add(i * 4) as *const f32),
+        }
+    }
+
+    /// The largest |x| bit pattern of elements `start..start + len` of format `D`. For finite values
+    /// this is the bit pattern of max |x| (IEEE order of non-negative floats is their integer order);
+    /// a result >= `inf_bits::<D>()` means some element is infinite or NaN.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    unsafe fn max_abs_bits<const D: u8>(p: *const u8, start: usize, len: usize) -> u32 {
+        if D == F32 {
+            let mask = _mm512_set1_epi32(0x7fff_ffff);
+            let mut m = _mm512_setzero_si512();
+            let mut i = 0;
+            while i + 16 <= len {
+                // SAFETY: i + 16 <= len, inside the caller's range.
+                let v = _mm512_loadu_si512(p.add((start + i) * 4) as *const _);
+                m = _mm512_max_epu32(m, _mm512_and_si512(v, mask));
+                i += 16;
+            }
+            if i < len {
+                let k = ((1u32 << (len - i)) - 1) as __mmask16;
+                // SAFETY: only the lanes below len are read.
+                let v = _mm512_maskz_loadu_epi32(k, p.add((start + i) * 4) as *const i32);
+                m = _mm512_max_epu32(m, _mm512_and_si512(v, mask));
+            }
+            _mm512_reduce_max_epu32(m)
+        } else {
+            let mask = _mm512_set1_epi16(0x7fff);
+            let mut m = _mm512_setzero_si512();
+            let mut i = 0;
+            while i + 32 <= len {
+                // SAFETY: i + 32 <= len, inside the caller's range.
+                let v = _mm512_loadu_si512(p.add((start + i) * 2) as *const _);
+                m = _mm512_max_epu16(m, _mm512_and_si512(v, mask));
+                i += 32;
+            }
+            if i < len {
+                let k = ((1u64 << (len - i)) - 1) as __mmask32;
+                // SAFETY: only the lanes below len are read.
+                let v = _mm512_maskz_loadu_epi16(k, p.add((start + i) * 2) as *const i16);
+                m = _mm512_max_epu16(m, _mm512_and_si512(v, mask));
+            }
+            let a = _mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64::<1>(m));
+            let b = _mm_max_epu16(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+            // max = !min(!v): phminposuw finds the minimum of 8 u16 lanes in one instruction.
+            let min = _mm_minpos_epu16(_mm_xor_si128(b, _mm_set1_epi16(-1)));
+            0xffff - (_mm_extract_epi16::<0>(min) as u32 & 0xffff)
+        }
+    }
+
+    /// The tables of a 4-step binary search for "number of bounds strictly below s": after the steps
+    /// before `step`, the count so far `c` is a multiple of 2 * step, and the next bound to test is
+    /// `bounds[c + step - 1]`, so table `step` holds that value at index c.
+    struct Search {
+        b7: __m512,
+        t4: __m512,
+        t2: __m512,
+        t1: __m512,
+        order: __m512i,
+        remap: bool,
+    }
+
+    impl Search {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+        unsafe fn new(qt: QuantType) -> Self {
+            let b = qt.bounds();
+            let table = |step: usize| -> __m512 {
+                let t: [f32; 16] = std::array::from_fn(|c| b[(c + step - 1).min(14)]);
+                // SAFETY: reads the 16 floats of `t`.
+                unsafe { _mm512_loadu_ps(t.as_ptr()) }
+            };
+            let order: [i32; 16] = qt.order().map(i32::from);
+            Search {
+                b7: _mm512_set1_ps(b[7]),
+                t4: table(4),
+                t2: table(2),
+                t1: table(1),
+                order: _mm512_loadu_si512(order.as_ptr() as *const _),
+                remap: qt == QuantType::Fp4,
+            }
+        }
+
+        /// The 4-bit code of each lane of `s`. No clamp to [-1, 1] is needed: every bound lies
+        /// strictly inside it, so clamping never changes the number of bounds below a value.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+        unsafe fn codes(&self, s: __m512) -> __m512i {
+            // s > bound is bound < s for the finite values that reach here.
+            let k = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(s, self.b7);
+            let mut c = _mm512_maskz_mov_epi32(k, _mm512_set1_epi32(8));
+            for (t, step) in [(self.t4, 4), (self.t2, 2), (self.t1, 1)] {
+                let k = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(s, _mm512_permutexvar_ps(c, t));
+                c = _mm512_mask_or_epi32(c, k, c, _mm512_set1_epi32(step));
+            }
+            if self.remap {
+                c = _mm512_permutexvar_epi32(c, self.order);
+            }
+            c
+        }
+    }
+
+    /// Packs the codes of 64 consecutive elements (four vectors of 16 i32 codes) into 32 bytes, the
+    /// first element of each pair in the high nibble.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    unsafe fn pack64(q: [__m512i; 4]) -> __m256i {
+        // Per 128-bit lane L the two packs give the bytes of elements 4L..4L+4 of q0, q1, q2, q3.
+        let bytes = _mm512_packus_epi16(
+            _mm512_packus_epi32(q[0], q[1]),
+            _mm512_packus_epi32(q[2], q[3]),
+        );
+        // 16 * first + second of each byte pair, as 16-bit words, then narrowed back to bytes.
+        let words = _mm512_maddubs_epi16(bytes, _mm512_set1_epi16(0x0110));
+        let packed = _mm512_cvtepi16_epi8(words);
+        // 2-byte unit 4L + q holds output bytes of unit 4q + L: a 4 x 4 transpose of the units.
+        let fix = _mm256_setr_epi16(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm256_permutexvar_epi16(fix, packed)
+    }
+
+    /// Blocks are handled a tile at a time: absmax of each block of the tile, then the codes.
+    const TILE: usize = 2048;
+
+    /// AVX-512 `quantize_4bit_full_blocks` (see there).
+    ///
+    /// # Safety
+    /// The CPU must support avx512f, avx512bw, avx512vl, avx2, f16c and fma.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    pub(crate) unsafe fn quantize_4bit_full_blocks(
+        x: FloatSlice,
+        qt: QuantType,
+        blocksize: usize,
+        codes: &mut [u8],
+        absmax: &mut [f32],
+    ) -> Result<()> {
+        match x {
+            FloatSlice::BF16(b) => fourbit::<BF16>(x, b, qt, blocksize, codes, absmax),
+            FloatSlice::F16(b) => fourbit::<F16>(x, b, qt, blocksize, codes, absmax),
+            FloatSlice::F32(b) => fourbit::<F32>(x, b, qt, blocksize, codes, absmax),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    unsafe fn fourbit<const D: u8>(
+        x: FloatSlice,
+        bytes: &[u8],
+        qt: QuantType,
+        blocksize: usize,
+        codes: &mut [u8],
+        absmax: &mut [f32],
+    ) -> Result<()> {
+        let n = bytes.len() / size::<D>();
+        debug_assert!(blocksize.is_power_of_two() && blocksize >= 32);
+        debug_assert_eq!(n % blocksize, 0);
+        debug_assert_eq!(codes.len(), n / 2);
+        debug_assert_eq!(absmax.len(), n / blocksize);
+        let p = bytes.as_ptr();
+        let search = Search::new(qt);
+        let shift = blocksize.trailing_zeros();
+        let tile = blocksize.max(TILE);
+        let mut inv = [0f32; TILE / 32];
+        let mut t0 = 0;
+        while t0 < n {
+            let t1 = (t0 + tile).min(n);
+            for (j, inv_j) in inv.iter_mut().enumerate().take((t1 - t0) >> shift) {
+                let start = t0 + (j << shift);
+                let bits = max_abs_bits::<D>(p, start, blocksize);
+                if bits >= inf_bits::<D>() {
+                    return Err(Error::NonFinite {
+                        path: Default::default(),
+                        tensor: String::new(),
+                        index: first_nonfinite(&x, start, start + blocksize),
+                    });
+                }
+                let am = widen_bits::<D>(bits);
+                absmax[(t0 >> shift) + j] = am;
+                *inv_j = 1.0f32 / am.max(ABSMAX_FLOOR);
+            }
+            // 64 elements a step; a tile of 32-element blocks may end with a half step.
+            let mut i = t0;
+            while i < t1 {
+                let vectors = if i + 64 <= t1 { 4 } else { 2 };
+                let mut q = [_mm512_setzero_si512(); 4];
+                for (k, qk) in q.iter_mut().enumerate().take(vectors) {
+                    let e = i + 16 * k;
+                    let scale = _mm512_set1_ps(inv[(e - t0) >> shift]);
+                    *qk = search.codes(_mm512_mul_ps(load16::<D>(p, e), scale));
+                }
+                let packed = pack64(q);
+                // SAFETY: codes holds n / 2 bytes and i / 2 + 2 * vectors * 4 = (i + 16 * vectors) / 2
+                // <= t1 / 2 <= n / 2; a half step writes only the 16 bytes of its 32 elements.
+                let dst = codes.as_mut_ptr().add(i / 2);
+                if vectors == 4 {
+                    _mm256_storeu_si256(dst as *mut __m256i, packed);
+                } else {
+                    _mm_storeu_si128(dst as *mut __m128i, _mm256_castsi256_si128(packed));
+                }
+                i += 16 * vectors;
+            }
+            t0 = t1;
+        }
+        Ok(())
+    }
+
+    /// Round to nearest, ties to even, whatever MXCSR says, without raising exceptions.
+    const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+    /// Rounds 16 f32 lanes to float16 and back.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    unsafe fn through_f16(v: __m512) -> __m512 {
+        _mm512_cvtph_ps(_mm512_cvtps_ph::<RNE>(v))
+    }
+
+    /// AVX-512 `quantize_int8_rows` (see there).
+    ///
+    /// # Safety
+    /// The CPU must support avx512f, avx512bw, avx512vl, avx2, f16c and fma.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    pub(crate) unsafe fn quantize_int8_rows(
+        x: FloatSlice,
+        cols: usize,
+        cb: &mut [i8],
+        scb: &mut [f32],
+    ) -> Result<()> {
+        match x {
+            FloatSlice::BF16(b) => int8::<BF16>(x, b, cols, cb, scb),
+            FloatSlice::F16(b) => int8::<F16>(x, b, cols, cb, scb),
+            FloatSlice::F32(b) => int8::<F32>(x, b, cols, cb, scb),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    unsafe fn int8<const D: u8>(
+        x: FloatSlice,
+        bytes: &[u8],
+        cols: usize,
+        cb: &mut [i8],
+        scb: &mut [f32],
+    ) -> Result<()> {
+        debug_assert_eq!(bytes.len() / size::<D>(), scb.len() * cols);
+        debug_assert_eq!(cb.len(), scb.len() * cols);
+        let p = bytes.as_ptr();
+        for (r, scb_out) in scb.iter_mut().enumerate() {
+            let base = r * cols;
+            // Rounding to float16 is monotone, so the largest rounded |w| is the rounded largest |w|.
+            let bits = max_abs_bits::<D>(p, base, cols);
+            let am = if bits >= inf_bits::<D>() {
+                f32::INFINITY
+            } else {
+                through_f16_scalar(widen_bits::<D>(bits))
+            };
+            if !am.is_finite() {
+                let idx = (base..base + cols)
+                    .find(|&i| !through_f16_scalar(x.get(i)).is_finite())
+                    .unwrap_or(base);
+                return Err(overflow(idx));
+            }
+            *scb_out = am;
+            let out = &mut cb[base..base + cols];
+            if am == 0.0 {
+                out.fill(0);
+                continue;
+            }
+            // `127.0 / row_stats` in torch is `reciprocal() * 127`: two roundings, as in int8.rs.
+            let scale = _mm512_set1_ps((1.0f32 / am) * 127.0);
+            let o = out.as_mut_ptr();
+            let mut c = 0;
+            while c + 16 <= cols {
+                let v = _mm512_mul_ps(through_f16(load16::<D>(p, base + c)), scale);
+                let q = _mm512_cvt_roundps_epi32::<RNE>(v);
+                // SAFETY: c + 16 <= cols, inside this row of `out`; |q| <= 127, so the truncating
+                // narrow to i8 is exact.
+                _mm_storeu_si128(o.add(c) as *mut __m128i, _mm512_cvtepi32_epi8(q));
+                c += 16;
+            }
+            if c < cols {
+                let k = ((1u32 << (cols - c)) - 1) as __mmask16;
+                let v = _mm512_mul_ps(through_f16(load16_masked::<D>(p, base + c, k)), scale);
+                let q = _mm512_cvt_roundps_epi32::<RNE>(v);
+                // SAFETY: only the lanes below cols are written.
+                _mm512_mask_cvtepi32_storeu_epi8(o.add(c), k, q);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The AVX2 and AVX-512 kernels against the scalar reference, byte for byte, on every input
+    //! format, blocksize and awkward length, including the error index of non-finite inputs.
+
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::quant::fourbit::{quantize_4bit, BLOCKSIZES};
+    use crate::quant::int8::quantize_int8;
+    use crate::quant::Kernel;
+
+    /// Weight-like values with a per-run scale, exact zeros, subnormal-range and large values.
+    fn values(rng: &mut SmallRng, n: usize) -> Vec<f32> {
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            let run = rng.gen_range(1..200).min(n - v.len());
+            let scale = match rng.gen_range(0..8) {
+                0 => 0.0,
+                1 => 1e-7,
+                2 => 1e-4,
+                3 => 1000.0,
+                4 => 1e-39,
+                _ => 0.02,
+            };
+            for _ in 0..run {
+                let u: f32 = (0..4).map(|_| rng.gen::<f32>()).sum::<f32>() - 2.0;
+                v.push(u * scale);
+            }
+        }
+        v
+    }
+
+    /// `v` in format `fmt` (0 = bf16, 1 = f16, 2 = f32) as little-endian bytes.
+    fn encode(v: &[f32], fmt: usize) -> Vec<u8> {
+        match fmt {
+            0 => v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            1 => v
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+            _ => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    fn slice(bytes: &[u8], fmt: usize) -> FloatSlice<'_> {
+        match fmt {
+            0 => FloatSlice::BF16(bytes),
+            1 => FloatSlice::F16(bytes),
+            _ => FloatSlice::F32(bytes),
+        }
+    }
+
+    type FourBitKernel =
+        unsafe fn(FloatSlice, QuantType, usize, &mut [u8], &mut [f32]) -> Result<()>;
+
+    fn simd_4bit() -> Vec<(&'static str, FourBitKernel)> {
+        let mut k: Vec<(&'static str, FourBitKernel)> = Vec::new();
+        if crate::quant::has_avx2() {
+            k.push(("avx2", quantize_4bit_full_blocks_avx2));
+        }
+        if crate::quant::has_avx512() {
+            k.push(("avx512", avx512::quantize_4bit_full_blocks));
+        }
+        k
+    }
+
+    #[test]
+    fn fourbit_kernels_match_scalar() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        for fmt in 0..3 {
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                for bs in BLOCKSIZES {
+                    for blocks in [1, 3, 65, 130] {
+                        let n = bs * blocks;
+                        let bytes = encode(&values(&mut rng, n), fmt);
+                        let x = slice(&bytes, fmt);
+                        let want = quantize_4bit(x, qt, bs, Kernel::Scalar).unwrap();
+                        for (name, f) in simd_4bit() {
+                            let mut codes = vec![0u8; n / 2];
+                            let mut absmax = vec![0f32; blocks];
+                            // SAFETY: `simd_4bit` lists only kernels the CPU supports.
+                            unsafe { f(x, qt, bs, &mut codes, &mut absmax) }.unwrap();
+                            let ctx = format!("{name} fmt {fmt} {qt:?} bs {bs} n {n}");
+                            assert_eq!(absmax, want.1, "{ctx}");
+                            assert_eq!(codes, want.0, "{ctx}");
+                        }
+                    }
+                    // The public entry point, with a tail block and an odd count.
+                    let n = bs * 2 + 17;
+                    let bytes = encode(&values(&mut rng, n), fmt);
+                    let x = slice(&bytes, fmt);
+                    assert_eq!(
+                        quantize_4bit(x, qt, bs, Kernel::Auto).unwrap(),
+                        quantize_4bit(x, qt, bs, Kernel::Scalar).unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fourbit_kernels_report_the_same_nonfinite_index() {
+        let mut rng = SmallRng::seed_from_u64(8);
+        for fmt in 0..3 {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let n = 64 * 100;
+                let mut v = values(&mut rng, n);
+                let at = rng.gen_range(0..n);
+                v[at] = bad;
+                v[(at + 5).min(n - 1)] = bad;
+                let bytes = encode(&v, fmt);
+                let x = slice(&bytes, fmt);
+                for (name, f) in simd_4bit() {
+                    let mut codes = vec![0u8; n / 2];
+                    let mut absmax = vec![0f32; n / 64];
+                    // SAFETY: `simd_4bit` lists only kernels the CPU supports.
+                    let r = unsafe { f(x, QuantType::Nf4, 64, &mut codes, &mut absmax) };
+                    assert!(
+                        matches!(r, Err(Error::NonFinite { index, .. }) if index == at),
+                        "{name} fmt {fmt}: {r:?}, want index {at}"
+                    );
+                }
+            }
+        }
+    }
+
+    type Int8Kernel = unsafe fn(FloatSlice, usize, &mut [i8], &mut [f32]) -> Result<()>;
+
+    fn simd_int8() -> Vec<(&'static str, Int8Kernel)> {
+        let mut k: Vec<(&'static str, Int8Kernel)> = Vec::new();
+        if crate::quant::has_avx2() {
+            k.push(("avx2", quantize_int8_rows_avx2));
+        }
+        if crate::quant::has_avx512() {
+            k.push(("avx512", avx512::quantize_int8_rows));
+        }
+        k
+    }
+
+    #[test]
+    fn int8_kernels_match_scalar() {
+        let mut rng = SmallRng::seed_from_u64(9);
+        for fmt in 0..3 {
+            for cols in [1, 7, 15, 16, 17, 31, 32, 33, 63, 100, 1000, 4099] {
+                let rows = 5;
+                let mut v = values(&mut rng, rows * cols);
+                v[cols..2 * cols].fill(0.0);
+                // The top of float16's range in one row (65504 itself is not a bf16 value).
+                v[3 * cols] = if fmt == 0 { 65280.0 } else { 65504.0 };
+                let bytes = encode(&v, fmt);
+                let x = slice(&bytes, fmt);
+                let want = quantize_int8(x, rows, cols, Kernel::Scalar).unwrap();
+                for (name, f) in simd_int8() {
+                    let mut cb = vec![0i8; rows * cols];
+                    let mut scb = vec![0f32; rows];
+                    // SAFETY: `simd_int8` lists only kernels the CPU supports.
+                    unsafe { f(x, cols, &mut cb, &mut scb) }.unwrap();
+                    let ctx = format!("{name} fmt {fmt} cols {cols}");
+                    assert_eq!(scb, want.1, "{ctx}");
+                    assert_eq!(cb, want.0, "{ctx}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int8_kernels_report_the_same_nonfinite_index() {
+        let mut rng = SmallRng::seed_from_u64(10);
+        for fmt in 0..3 {
+            // NaN, infinity, and (except in f16 input) a finite value that overflows float16.
+            for bad in [f32::NAN, f32::NEG_INFINITY, 70000.0, 65520.0] {
+                let (rows, cols) = (4, 333);
+                let mut v = values(&mut rng, rows * cols);
+                let at = rng.gen_range(0..rows * cols);
+                v[at] = bad;
+                let bytes = encode(&v, fmt);
+                let x = slice(&bytes, fmt);
+                let want = quantize_int8(x, rows, cols, Kernel::Scalar);
+                for (name, f) in simd_int8() {
+                    let mut cb = vec![0i8; rows * cols];
+                    let mut scb = vec![0f32; rows];
+                    // SAFETY: `simd_int8` lists only kernels the CPU supports.
+                    let r = unsafe { f(x, cols, &mut cb, &mut scb) };
+                    assert_eq!(
+                        format!("{:?}", r.err()),
+                        format!("{:?}", want.as_ref().err()),
+                        "{name} fmt {fmt} value {bad}"
+                    );
+                }
+            }
+        }
+    }
 }
