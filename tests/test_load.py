@@ -180,13 +180,32 @@ def test_quantized_load_equals_transformers(tiny_model, family, name):
     assert_same_model(ref, got, family, double_quant=name == "nf4-dq")
 
 
-@pytest.mark.parametrize("name", ["nf4", "int8"])
-def test_float32_checkpoint_equals_transformers(tiny_model, name):
-    folder = tiny_model("llama", torch.float32)
-    ref = reference(folder, "llama", bnb(name), dtype=torch.float32)
-    got = load(folder, bnb(name), dtype=torch.float32)
-    assert got.model.embed_tokens.weight.dtype == torch.float32
-    assert_same_model(ref, got, "llama")
+DTYPE_CASES = [
+    ("llama", torch.float32, torch.float32, "nf4"),
+    ("llama", torch.float32, torch.float32, "int8"),
+    ("llama", torch.float32, torch.bfloat16, "nf4"),
+    ("llama", torch.float32, torch.bfloat16, "nf4-dq"),
+    ("llama", torch.float32, torch.bfloat16, "int8"),
+    ("gpt2", torch.float32, torch.bfloat16, "nf4"),
+    ("gpt2", torch.float32, torch.bfloat16, "int8"),
+    ("llama", torch.bfloat16, torch.float32, "nf4"),
+    ("llama", torch.bfloat16, torch.float32, "int8"),
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "stored", "dtype", "name"),
+    DTYPE_CASES,
+    ids=[f"{f}-{str(s)[6:]}-as-{str(d)[6:]}-{n}" for f, s, d, n in DTYPE_CASES],
+)
+def test_checkpoint_dtype_other_than_the_model_dtype(tiny_model, family, stored, dtype, name):
+    """transformers quantizes a weight materialized in the model's dtype: a float32 checkpoint loaded
+    as bfloat16 is quantized from bfloat16 values, and its QuantState says bfloat16."""
+    folder = tiny_model(family, stored)
+    ref = reference(folder, family, bnb(name), dtype=dtype)
+    got = load(folder, bnb(name), dtype=dtype)
+    assert got.dtype == dtype
+    assert_same_model(ref, got, family, double_quant=name == "nf4-dq")
 
 
 @pytest.mark.parametrize("name", ["nf4-dq", "int8"])

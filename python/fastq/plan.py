@@ -28,6 +28,10 @@ class Entry:
 
     kind: "4bit" / "int8" (quantize ``source``), "4bit-pre" / "int8-pre" (read packed tensors that
     start with ``source``), "plain" (copy ``source``), or "tied" (same tensor as ``tied_to``).
+    dtype: for "plain", the dtype the tensor is converted to; for "4bit" / "int8", the dtype ``source``
+    is cast to before it is quantized (None: quantized as stored) - transformers materializes a weight
+    in the model's dtype and bitsandbytes quantizes that, so a float32 checkpoint loaded as bfloat16 is
+    quantized from bfloat16 values (and its QuantState says bfloat16).
     """
 
     name: str
@@ -90,6 +94,7 @@ def make_plan(
     *,
     dtype_of: dict[str, torch.dtype] | None = None,
     quantize_fp16_weights: bool = True,
+    quantize_dtype: torch.dtype | None = None,
 ) -> Plan:
     """Maps every parameter and persistent buffer of ``model`` to the checkpoint.
 
@@ -98,6 +103,8 @@ def make_plan(
         ckpt: the opened checkpoint.
         dtype_of: target dtype per parameter name for unquantized tensors (default: the skeleton's).
         quantize_fp16_weights: False for ``llm_int8_has_fp16_weight`` (int8 modules keep 16-bit weights).
+        quantize_dtype: the dtype weights are quantized from (the model's dtype); a weight stored in
+            another dtype is cast first (``Entry.dtype``). None: quantize as stored.
 
     Returns:
         The plan; ``missing`` lists parameters found nowhere in the checkpoint (and not tied).
@@ -149,7 +156,8 @@ def make_plan(
                 entries.append(Entry(name, mod_name, "4bit-pre", src, nbytes=meta.nbytes, extra=extra))
             else:
                 _check_shape(name, t, meta, meta.shape[::-1] if transpose else meta.shape)
-                entries.append(Entry(name, mod_name, "4bit", src, transpose, nbytes=meta.nbytes))
+                cast = _quantize_from(quantize_dtype, meta)
+                entries.append(Entry(name, mod_name, "4bit", src, transpose, cast, nbytes=meta.nbytes))
             continue
         if quantized and isinstance(module, bnb.nn.Linear8bitLt):
             scb = next((c for c in (f"{mod_name}.SCB", f"{src}.SCB") if c in keys), None)
@@ -166,7 +174,8 @@ def make_plan(
                 continue
             _check_shape(name, t, meta, meta.shape[::-1] if transpose else meta.shape)
             if quantize_fp16_weights:
-                entries.append(Entry(name, mod_name, "int8", src, transpose, nbytes=meta.nbytes))
+                cast = _quantize_from(quantize_dtype, meta)
+                entries.append(Entry(name, mod_name, "int8", src, transpose, cast, nbytes=meta.nbytes))
             else:
                 dt = dtype_of.get(name) or _float_dtype(t)
                 entries.append(Entry(name, mod_name, "plain", src, transpose, dt, meta.nbytes))
@@ -177,6 +186,15 @@ def make_plan(
     # Keys transformers writes that a plan consumes implicitly.
     unused = sorted(k for k in keys - used if not k.endswith(".weight_format"))
     return Plan(entries, missing, unused)
+
+
+def _quantize_from(target: torch.dtype | None, meta) -> torch.dtype | None:
+    """The dtype a weight is cast to before quantizing: the model's dtype for it, where that is not the
+    stored one (transformers, core_model_loading.py: a param that needs quantization is materialized in
+    ``dtype``; accelerate casts to the empty parameter's dtype or ``torch_dtype``)."""
+    if target is None or not target.is_floating_point or target == meta.torch_dtype:
+        return None
+    return target
 
 
 def _prequantized_shape(ckpt: Checkpoint, quant_state_key: str) -> tuple[int, ...]:
