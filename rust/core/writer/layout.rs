@@ -1,0 +1,601 @@
+//! Where every output tensor goes, decided before a byte is written: its dtype, shape and size (known
+//! from the source and the quantization spec), its shard (transformers' split), its offset in the shard
+//! (safetensors' order) and each shard's header.
+//!
+//! - Shards: `huggingface_hub.split_torch_state_dict_into_shards`, which `save_pretrained` calls: tensors
+//!   in state-dict order fill a shard until the next one would tip it over `max_shard_size`; a tensor
+//!   larger than that gets a shard of its own, placed before the shard being filled. One shard is
+//!   `model.safetensors`, several are `model-00001-of-0000N.safetensors`.
+//! - Inside a shard: safetensors' `prepare` order (descending dtype, then name) and header (compact JSON,
+//!   `__metadata__` first, padded with spaces to a multiple of 8), so a shard is byte for byte the
+//!   file `safetensors.torch.save_file` writes for the same tensors.
+//! - The one size not known in advance is the `quant_state` JSON of a double-quantized weight (its
+//!   `nested_offset` is printed with as many digits as the float needs). Those tensors go last in their
+//!   shard, and the header is given room for the longest JSON and padded with spaces; it is written
+//!   when the shard is complete. Such a shard holds the same tensors as safetensors' file, in another
+//!   order, and transformers' split is computed with the longest size.
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::pack::QuantSpec;
+use crate::quant::NESTED_BLOCKSIZE;
+
+use super::pyjson::quant_state_json_bound;
+
+/// One tensor to quantize.
+#[derive(Clone, Debug)]
+pub struct QuantJob {
+    /// The checkpoint tensor.
+    pub source: String,
+    pub spec: QuantSpec,
+    /// Quantize the transpose of a 2-D weight (GPT-2's `Conv1D`).
+    pub transpose: bool,
+    /// Cast to this float dtype before quantizing (transformers casts a weight to the model's dtype).
+    pub cast: Option<Dtype>,
+    /// The dtype the packed 4-bit bytes are viewed as (`bnb_4bit_quant_storage`); ignored for int8.
+    pub storage: Dtype,
+}
+
+/// One tensor of a quantization result, named as transformers saves it (`M.weight` + suffix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// 4-bit: the packed codes (`M.weight`); int8: the int8 weight (`M.weight`).
+    Weight,
+    /// `M.weight.absmax`: f32 per block, or the u8 nested codes with double quantization.
+    Absmax,
+    /// `M.weight.quant_map`: the 16 code values.
+    QuantMap,
+    /// `M.weight.nested_absmax`: f32 per 256 nested codes.
+    NestedAbsmax,
+    /// `M.weight.nested_quant_map`: the 256-entry dynamic map.
+    NestedQuantMap,
+    /// `M.weight.quant_state.bitsandbytes__<type>`: the JSON of the QuantState's other fields.
+    QuantState,
+    /// `M.SCB`: int8 row scales.
+    Scb,
+    /// `M.weight_format`: a u8 0 (row-major).
+    WeightFormat,
+}
+
+impl Part {
+    /// Parses the names the binding uses ("weight", "absmax", ..., "SCB", "weight_format").
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "weight" => Part::Weight,
+            "absmax" => Part::Absmax,
+            "quant_map" => Part::QuantMap,
+            "nested_absmax" => Part::NestedAbsmax,
+            "nested_quant_map" => Part::NestedQuantMap,
+            "quant_state" => Part::QuantState,
+            "SCB" => Part::Scb,
+            "weight_format" => Part::WeightFormat,
+            _ => return Err(Error::InvalidArgument(format!("unknown result part '{s}'"))),
+        })
+    }
+}
+
+/// What an output tensor is made of.
+#[derive(Clone, Debug)]
+pub enum Content {
+    /// A checkpoint tensor, optionally transposed (2-D) and cast to another float dtype.
+    Copy {
+        source: String,
+        transpose: bool,
+        cast: Option<Dtype>,
+    },
+    /// Bytes given by the caller (a buffer the checkpoint does not hold).
+    Inline {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    },
+    /// A part of the result of job `job`.
+    Quantized { job: usize, part: Part },
+}
+
+/// One output tensor as the caller describes it.
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub name: String,
+    pub content: Content,
+}
+
+/// One output tensor with everything the writer needs.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Bytes of data; for an inexact tensor, the most it can take.
+    pub size: u64,
+    /// False for the `quant_state` of a double-quantized weight.
+    pub exact: bool,
+    pub content: Content,
+    /// Source bytes this tensor accounts for in the progress (a copy's, a job's on its weight).
+    pub input_bytes: u64,
+}
+
+/// One output file.
+#[derive(Clone, Debug)]
+pub struct ShardPlan {
+    pub name: String,
+    /// Tensors (indices into `Layout::tensors`) in state-dict order.
+    pub members: Vec<usize>,
+    /// The same tensors in file order: exact ones in safetensors' order, then inexact ones.
+    pub order: Vec<usize>,
+    /// Data offsets of `order`; an inexact tensor's are provisional (its size is a bound).
+    pub offsets: Vec<(u64, u64)>,
+    /// Length of the header JSON including padding: exact, or the room reserved for it.
+    pub header_len: u64,
+    /// Whether every size is known (the header can be written first).
+    pub exact: bool,
+}
+
+impl ShardPlan {
+    /// Where the data section starts.
+    pub fn data_start(&self) -> u64 {
+        8 + self.header_len
+    }
+}
+
+/// The whole output.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub jobs: Vec<QuantJob>,
+    pub tensors: Vec<Planned>,
+    pub shards: Vec<ShardPlan>,
+    pub max_shard_size: u64,
+}
+
+/// safetensors writes data in descending `Dtype` order (its enum's derived `Ord`), then by name.
+fn dtype_rank(d: Dtype) -> u8 {
+    use Dtype::*;
+    match d {
+        U64 => 0,
+        I64 => 1,
+        F64 => 2,
+        F32 => 3,
+        U32 => 4,
+        I32 => 5,
+        BF16 => 6,
+        F16 => 7,
+        U16 => 8,
+        I16 => 9,
+        F8E4M3 => 10,
+        F8E5M2 => 11,
+        I8 => 12,
+        U8 => 13,
+        Bool => 14,
+    }
+}
+
+/// The file name of shard `i` of `n` (transformers' pattern).
+pub fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".into()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+/// One header entry: name, dtype, shape, data offsets.
+pub type HeaderEntry<'a> = (&'a str, Dtype, &'a [usize], (u64, u64));
+
+/// A safetensors header for `entries`, in the given order, padded with spaces to `min_len` and then to
+/// a multiple of 8; returns the bytes after the length prefix.
+pub fn header_json(entries: &[HeaderEntry<'_>], min_len: usize) -> Vec<u8> {
+    let mut s = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    for (name, dtype, shape, (a, b)) in entries {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        s.push(',');
+        s.push_str(&serde_json::Value::from(*name).to_string());
+        s.push_str(&format!(
+            ":{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+            dtype.as_str(),
+            dims.join(","),
+            a,
+            b
+        ));
+    }
+    s.push('}');
+    let mut bytes = s.into_bytes();
+    while bytes.len() < min_len || bytes.len() % 8 != 0 {
+        bytes.push(b' ');
+    }
+    bytes
+}
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+impl Layout {
+    /// Plans the output of `outputs` (in state-dict order) read from `ckpt`.
+    pub fn new(
+        ckpt: &Checkpoint,
+        jobs: Vec<QuantJob>,
+        outputs: Vec<Output>,
+        max_shard_size: u64,
+    ) -> Result<Self> {
+        for job in &jobs {
+            job.spec.validate()?;
+            let t = ckpt.info(&job.source)?;
+            if !t.dtype.is_float_input() {
+                return Err(Error::UnsupportedDtype {
+                    path: ckpt.path_of(t).to_path_buf(),
+                    tensor: t.name.clone(),
+                    dtype: t.dtype.to_string(),
+                });
+            }
+            if let Some(c) = job.cast {
+                check_float(c)?;
+            }
+        }
+        let mut seen = HashMap::new();
+        let mut has_weight = vec![false; jobs.len()];
+        let mut tensors = Vec::with_capacity(outputs.len());
+        for out in outputs {
+            if seen.insert(out.name.clone(), ()).is_some() {
+                return Err(invalid(format!(
+                    "output tensor '{}' is listed twice",
+                    out.name
+                )));
+            }
+            if let Content::Quantized {
+                job,
+                part: Part::Weight,
+            } = out.content
+            {
+                if let Some(w) = has_weight.get_mut(job) {
+                    *w = true;
+                }
+            }
+            tensors.push(plan_tensor(ckpt, &jobs, out)?);
+        }
+        if let Some(j) = has_weight.iter().position(|w| !w) {
+            return Err(invalid(format!(
+                "job {j} ('{}') has no weight output",
+                jobs[j].source
+            )));
+        }
+        let shards = split(&tensors, max_shard_size);
+        let n = shards.len();
+        let shards = shards
+            .into_iter()
+            .enumerate()
+            .map(|(i, members)| shard_plan(&tensors, shard_name(i, n), members))
+            .collect();
+        Ok(Layout {
+            jobs,
+            tensors,
+            shards,
+            max_shard_size,
+        })
+    }
+
+    /// Sum of the planned data sizes (bounds for inexact tensors).
+    pub fn planned_size(&self) -> u64 {
+        self.tensors.iter().map(|t| t.size).sum()
+    }
+
+    /// A digest of everything that decides the output's bytes, so that a resumed run can check it
+    /// continues the same conversion.
+    pub fn fingerprint(&self, ckpt: &Checkpoint) -> String {
+        let mut h = Sha256::new();
+        for job in &self.jobs {
+            let src = ckpt.info(&job.source).ok();
+            h.update(format!(
+                "job {} {:?} {} {:?} {} {:?}\n",
+                job.source,
+                job.spec,
+                job.transpose,
+                job.cast,
+                job.storage,
+                src.map(|t| (t.dtype, t.shape.clone()))
+            ));
+        }
+        for shard in &self.shards {
+            h.update(format!("shard {} {}\n", shard.name, shard.header_len));
+            for (&i, off) in shard.order.iter().zip(&shard.offsets) {
+                let t = &self.tensors[i];
+                let content = match &t.content {
+                    Content::Inline { bytes, .. } => format!("inline {:x}", Sha256::digest(bytes)),
+                    other => format!("{other:?}"),
+                };
+                h.update(format!(
+                    "{} {} {:?} {} {:?} {}\n",
+                    t.name, t.dtype, t.shape, t.size, off, content
+                ));
+            }
+        }
+        format!("{:x}", h.finalize())
+    }
+}
+
+fn check_float(d: Dtype) -> Result<()> {
+    if d.is_float_input() {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "cannot cast to {d}: only F32, F16 and BF16 are cast targets"
+        )))
+    }
+}
+
+fn plan_tensor(ckpt: &Checkpoint, jobs: &[QuantJob], out: Output) -> Result<Planned> {
+    let (dtype, shape, exact, input_bytes) = match &out.content {
+        Content::Copy {
+            source,
+            transpose,
+            cast,
+        } => {
+            let t = ckpt.info(source)?;
+            if let Some(c) = cast {
+                check_float(*c)?;
+                if !t.dtype.is_float_input() {
+                    return Err(Error::UnsupportedDtype {
+                        path: ckpt.path_of(t).to_path_buf(),
+                        tensor: t.name.clone(),
+                        dtype: t.dtype.to_string(),
+                    });
+                }
+            }
+            let shape = if *transpose {
+                if t.shape.len() != 2 {
+                    return Err(Error::BadShape {
+                        path: ckpt.path_of(t).to_path_buf(),
+                        tensor: t.name.clone(),
+                        reason: format!("only a 2-D tensor can be transposed, got {:?}", t.shape),
+                    });
+                }
+                vec![t.shape[1], t.shape[0]]
+            } else {
+                t.shape.clone()
+            };
+            (cast.unwrap_or(t.dtype), shape, true, t.nbytes() as u64)
+        }
+        Content::Inline {
+            dtype,
+            shape,
+            bytes,
+        } => {
+            let want = shape.iter().product::<usize>() * dtype.size();
+            if want != bytes.len() {
+                return Err(invalid(format!(
+                    "inline tensor '{}': shape {shape:?} x {dtype} needs {want} bytes, got {}",
+                    out.name,
+                    bytes.len()
+                )));
+            }
+            (*dtype, shape.clone(), true, 0)
+        }
+        Content::Quantized { job, part } => {
+            let j = jobs.get(*job).ok_or_else(|| {
+                invalid(format!(
+                    "'{}' names job {job}, which does not exist",
+                    out.name
+                ))
+            })?;
+            let t = ckpt.info(&j.source)?;
+            let n = t.numel();
+            let qshape = if j.transpose && t.shape.len() == 2 {
+                vec![t.shape[1], t.shape[0]]
+            } else {
+                t.shape.clone()
+            };
+            let input = if *part == Part::Weight {
+                t.nbytes() as u64
+            } else {
+                0
+            };
+            let wrong = || {
+                invalid(format!(
+                    "'{}': part {part:?} does not belong to a {:?} job",
+                    out.name, j.spec
+                ))
+            };
+            let (dtype, shape, exact) = match (j.spec, part) {
+                (QuantSpec::FourBit { .. }, Part::Weight) => {
+                    let bytes = n.div_ceil(2);
+                    let item = j.storage.size();
+                    if bytes % item != 0 {
+                        return Err(Error::BadShape {
+                            path: ckpt.path_of(t).to_path_buf(),
+                            tensor: t.name.clone(),
+                            reason: format!(
+                                "{bytes} packed bytes cannot be viewed as {} ({item} bytes each)",
+                                j.storage
+                            ),
+                        });
+                    }
+                    (j.storage, vec![bytes / item, 1], true)
+                }
+                (
+                    QuantSpec::FourBit {
+                        blocksize,
+                        double_quant,
+                        ..
+                    },
+                    Part::Absmax,
+                ) => {
+                    let dt = if double_quant { Dtype::U8 } else { Dtype::F32 };
+                    (dt, vec![n.div_ceil(blocksize)], true)
+                }
+                (QuantSpec::FourBit { .. }, Part::QuantMap) => (Dtype::F32, vec![16], true),
+                (
+                    QuantSpec::FourBit {
+                        blocksize,
+                        double_quant: true,
+                        ..
+                    },
+                    Part::NestedAbsmax,
+                ) => (
+                    Dtype::F32,
+                    vec![n.div_ceil(blocksize).div_ceil(NESTED_BLOCKSIZE)],
+                    true,
+                ),
+                (
+                    QuantSpec::FourBit {
+                        double_quant: true, ..
+                    },
+                    Part::NestedQuantMap,
+                ) => (Dtype::F32, vec![256], true),
+                (
+                    QuantSpec::FourBit {
+                        quant_type,
+                        blocksize,
+                        double_quant,
+                    },
+                    Part::QuantState,
+                ) => {
+                    let dt = j.cast.unwrap_or(t.dtype);
+                    let len =
+                        quant_state_json_bound(quant_type, blocksize, dt, &qshape, double_quant);
+                    (Dtype::U8, vec![len], !double_quant)
+                }
+                (QuantSpec::Int8, Part::Weight) => (Dtype::I8, qshape.clone(), true),
+                (QuantSpec::Int8, Part::Scb) => (Dtype::F32, vec![qshape[0]], true),
+                (QuantSpec::Int8, Part::WeightFormat) => (Dtype::U8, vec![], true),
+                _ => return Err(wrong()),
+            };
+            (dtype, shape, exact, input)
+        }
+    };
+    let size = (shape.iter().product::<usize>() * dtype.size()) as u64;
+    Ok(Planned {
+        name: out.name,
+        dtype,
+        shape,
+        size,
+        exact,
+        content: out.content,
+        input_bytes,
+    })
+}
+
+/// `split_state_dict_into_shards_factory` of huggingface_hub (serialization/_base.py).
+fn split(tensors: &[Planned], max: u64) -> Vec<Vec<usize>> {
+    let mut shards = Vec::new();
+    let mut current = Vec::new();
+    let mut current_size = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        if t.size > max {
+            shards.push(vec![i]);
+            continue;
+        }
+        if current_size + t.size > max {
+            shards.push(std::mem::take(&mut current));
+            current_size = 0;
+        }
+        current.push(i);
+        current_size += t.size;
+    }
+    if !current.is_empty() || shards.is_empty() {
+        shards.push(current);
+    }
+    shards
+}
+
+fn shard_plan(tensors: &[Planned], name: String, members: Vec<usize>) -> ShardPlan {
+    let mut order = members.clone();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&tensors[a], &tensors[b]);
+        (!x.exact, dtype_rank(x.dtype), x.name.as_bytes()).cmp(&(
+            !y.exact,
+            dtype_rank(y.dtype),
+            y.name.as_bytes(),
+        ))
+    });
+    let mut offsets = Vec::with_capacity(order.len());
+    let mut at = 0u64;
+    for &i in &order {
+        offsets.push((at, at + tensors[i].size));
+        at += tensors[i].size;
+    }
+    let entries: Vec<_> = order
+        .iter()
+        .zip(&offsets)
+        .map(|(&i, &off)| {
+            let t = &tensors[i];
+            (t.name.as_str(), t.dtype, t.shape.as_slice(), off)
+        })
+        .collect();
+    let exact = order.iter().all(|&i| tensors[i].exact);
+    let header_len = header_json(&entries, 0).len() as u64;
+    ShardPlan {
+        name,
+        members,
+        order,
+        offsets,
+        header_len,
+        exact,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(name: &str, dtype: Dtype, size: u64) -> Planned {
+        Planned {
+            name: name.into(),
+            dtype,
+            shape: vec![size as usize / dtype.size()],
+            size,
+            exact: true,
+            content: Content::Inline {
+                dtype,
+                shape: vec![],
+                bytes: vec![],
+            },
+            input_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn split_follows_huggingface_hub() {
+        // The docstring's example: [6, 6, 2, 6, 2, 2] with a limit of 10 -> [6], [6+2], [6+2+2].
+        let ts: Vec<_> = [6, 6, 2, 6, 2, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| planned(&format!("t{i}"), Dtype::U8, s))
+            .collect();
+        assert_eq!(split(&ts, 10), vec![vec![0], vec![1, 2], vec![3, 4, 5]]);
+        // A tensor over the limit gets its own shard, placed before the one being filled.
+        let ts: Vec<_> = [3, 12, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| planned(&format!("t{i}"), Dtype::U8, s))
+            .collect();
+        assert_eq!(split(&ts, 10), vec![vec![1], vec![0, 2]]);
+    }
+
+    #[test]
+    fn shard_order_and_header_match_safetensors() {
+        let ts = vec![
+            planned("b", Dtype::U8, 3),
+            planned("a", Dtype::BF16, 4),
+            planned("c", Dtype::F32, 8),
+            planned("a.x", Dtype::U8, 1),
+        ];
+        let s = shard_plan(&ts, "model.safetensors".into(), vec![0, 1, 2, 3]);
+        assert_eq!(s.order, vec![2, 1, 3, 0]);
+        assert_eq!(s.offsets, vec![(0, 8), (8, 12), (12, 13), (13, 16)]);
+        let entries: Vec<_> = s
+            .order
+            .iter()
+            .zip(&s.offsets)
+            .map(|(&i, &o)| (ts[i].name.as_str(), ts[i].dtype, ts[i].shape.as_slice(), o))
+            .collect();
+        let h = header_json(&entries, 0);
+        assert_eq!(h.len() % 8, 0);
+        assert!(h.starts_with(
+            br#"{"__metadata__":{"format":"pt"},"c":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":"#
+        ));
+    }
+}
