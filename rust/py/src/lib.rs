@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 
 mod buffer;
 mod checkpoint;
+mod convert;
 mod errors;
 mod ops;
 mod packed;
@@ -26,5 +27,9 @@ fn _fastq(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ops::thread_count, m)?)?;
     m.add_function(wrap_pyfunction!(ops::dynamic_map, m)?)?;
     m.add_function(wrap_pyfunction!(ops::code_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::plan_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::py_float_repr, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::quant_state_json, m)?)?;
     Ok(())
 }
