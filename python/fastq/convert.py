@@ -1,0 +1,427 @@
+"""``fastq.convert``: a checkpoint quantized once, on the CPU, into the checkpoint transformers writes for a
+bitsandbytes model (``from_pretrained(..., quantization_config=...)`` then ``save_pretrained``).
+
+The model is never built in memory: the skeleton is made on the meta device and planned by the same
+code as ``fastq.load`` (``loader.prepare``), so exactly the tensors ``load`` quantizes are quantized. The
+Rust writer streams the quantization results into sharded safetensors with the GIL released.
+
+Atomic and resumable: everything is written into ``.<DST>.fastq-tmp`` beside DST and renamed into place
+only when complete; ``fastq-manifest.json`` there records each finished shard's sha256, and ``resume=True``
+keeps the shards that still match it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import _fastq
+from .config import QuantConfig
+from .errors import ConfigError, FastqError
+
+__all__ = ["ConversionLockedError", "OutputExistsError", "Outputs", "convert", "parse_size", "plan_outputs", "temp_folder"]
+
+#: Extensions of weight files that are not copied beside the converted shards.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+_NOT_COPIED = {"config.json", "generation_config.json", "fastq-manifest.json", "model.safetensors.index.json"}
+_TORCH_TO_ST = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
+
+
+class OutputExistsError(FastqError, FileExistsError):
+    """The destination exists and ``overwrite`` was not asked for."""
+
+
+class ConversionLockedError(FastqError, BlockingIOError):
+    """Another conversion is writing into the same temporary folder."""
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000, as huggingface_hub's ``parse_size_to_int`` (decimal units KB..TB;
+    ``"5GiB"`` style binary units are accepted too). An int is returned as is.
+
+    Args:
+        size: bytes, or a number followed by a unit.
+
+    Returns:
+        The size in bytes.
+    """
+    if isinstance(size, int):
+        if size <= 0:
+            raise ConfigError(f"max_shard_size must be positive, got {size}")
+        return size
+    s = str(size).strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                value = float(s[: -len(unit)].strip())
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value * mult)
+    if s.isdigit() and int(s) > 0:
+        return int(s)
+    raise ConfigError(f"max_shard_size={size!r} is not a size; write e.g. 5GB, 500MB or a number of bytes")
+
+
+@dataclass
+class Outputs:
+    """What the Rust writer is asked to write, in state-dict order (see ``_fastq.convert``)."""
+
+    jobs: list[tuple]
+    outputs: list[tuple]
+    #: ``model.num_parameters()`` of the quantized model (the index's ``metadata.total_parameters``).
+    total_parameters: int
+    #: The dtype transformers records in config.json (``model.dtype``: the first floating parameter's).
+    config_dtype: torch.dtype
+
+
+def _st(dtype: torch.dtype) -> str:
+    return _TORCH_TO_ST[dtype]
+
+
+def plan_outputs(prepared) -> Outputs:
+    """Every tensor transformers' ``save_pretrained`` would write for the model ``prepared`` describes,
+    in its state-dict order, as jobs and outputs for the Rust writer.
+
+    Args:
+        prepared: ``loader.prepare(...)`` of a checkpoint that is not quantized yet.
+
+    Returns:
+        The ``Outputs``.
+    """
+    model, plan, qcfg, ckpt = prepared.model, prepared.plan, prepared.qcfg, prepared.ckpt
+    by_name = {e.name: e for e in plan.entries}
+    params = dict(model.named_parameters())
+    ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or [])
+    state = model.state_dict(keep_vars=True)
+    names = [n for n in state if n not in ignore] + [n for n in by_name if n not in state]
+    jobs: list[tuple] = []
+    outputs: list[tuple] = []
+    extras: tuple[str, list[tuple]] | None = None
+    total_parameters = 0
+    config_dtype = None
+
+    def first_float(dt: torch.dtype, name: str) -> None:
+        nonlocal config_dtype
+        if config_dtype is None and name in params and dt.is_floating_point:
+            config_dtype = dt
+
+    for name in names:
+        e = by_name.get(name)
+        module = e.module if e is not None else name.rpartition(".")[0]
+        if extras is not None and module != extras[0]:
+            outputs.extend(extras[1])
+            extras = None
+        if e is None:
+            t = state.get(name)
+            if t is not None and t.device.type != "meta" and name not in params:  # a buffer made at init
+                data = t.detach().contiguous().cpu()
+                outputs.append(("inline", name, _st(data.dtype), list(data.shape), data.reshape(-1).view(torch.uint8).numpy()))
+            continue
+        if e.kind == "tied":
+            continue
+        if e.kind in ("4bit-pre", "int8-pre"):
+            raise ConfigError(f"{prepared.source.path} is already quantized ({e.name}); there is nothing to convert")
+        meta = ckpt.meta(e.source)
+        numel = 1
+        for d in meta.shape:
+            numel *= d
+        if e.kind == "plain":
+            dt = e.dtype if e.dtype is not None else meta.torch_dtype
+            cast = _st(dt) if _st(dt) != meta.dtype else None
+            outputs.append(("copy", e.name, e.source, e.transpose, cast))
+            first_float(dt, e.name)
+            total_parameters += numel if e.name in params else 0
+            continue
+        j = len(jobs)
+        # The plan says which dtype a weight is quantized from (transformers casts to the model's first).
+        cast = _st(e.dtype) if e.dtype is not None and _st(e.dtype) != meta.dtype else None
+        outputs.append(("part", e.name, j, "weight"))
+        if e.kind == "4bit":
+            qt, dq = qcfg.bnb_4bit_quant_type, qcfg.bnb_4bit_use_double_quant
+            jobs.append((e.source, "4bit", qt, qcfg.blocksize, dq, e.transpose, cast, _st(qcfg.quant_storage)))
+            parts = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if dq else [])
+            rest = [("part", f"{e.name}.{p}", j, p) for p in parts]
+            rest.append(("part", f"{e.name}.quant_state.bitsandbytes__{qt}", j, "quant_state"))
+            first_float(qcfg.quant_storage, e.name)
+            # transformers counts a 4-bit weight as numel(packed) * 2 * element_size (num_parameters)
+            total_parameters += (numel + 1) // 2 * 2
+        elif e.kind == "int8":
+            jobs.append((e.source, "int8", "nf4", 64, False, e.transpose, cast, "U8"))
+            prefix = f"{e.module}." if e.module else ""
+            rest = [("part", f"{prefix}SCB", j, "SCB"), ("part", f"{prefix}weight_format", j, "weight_format")]
+            total_parameters += numel
+        else:
+            raise ConfigError(f"unexpected plan entry {e.kind!r} for {e.name}")
+        extras = (e.module, rest)
+    if extras is not None:
+        outputs.extend(extras[1])
+    key = _save_order_key()
+    if key is not None:
+        outputs.sort(key=lambda o: key(o[1]))
+    return Outputs(jobs, outputs, total_parameters, config_dtype or prepared.dtype)
+
+
+def _save_order_key():
+    """The order ``save_pretrained`` hands tensors to the shard split. transformers 5 passes a model loaded
+    by ``from_pretrained`` through ``revert_weight_conversion``, which sorts the state dict by
+    ``dot_natural_key`` (core_model_loading.py); without it (transformers 4) the state-dict order stays."""
+    try:
+        from transformers.core_model_loading import dot_natural_key
+    except ImportError:
+        return None
+    return dot_natural_key
+
+
+def _source_fingerprint(ckpt) -> list:
+    out = []
+    for p in ckpt.shard_paths:
+        st = os.stat(p)
+        out.append([os.path.basename(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Lock:
+    """An exclusive lock on the temporary folder, so two conversions never write into it at once."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ConversionLockedError(f"{folder}: another conversion is writing here") from None
+
+    def release(self, remove: bool = False) -> None:
+        if self.fd is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _progress_bar(enabled: bool, desc: str):
+    """A progress callback for the Rust writer (bytes read, rate and time left through tqdm)."""
+    from tqdm.auto import tqdm
+
+    state = {"bar": None}
+
+    def update(done: int, total: int, shards_done: int, shards_total: int, resumed: int) -> None:
+        if not enabled:
+            return
+        bar = state["bar"]
+        if bar is None:
+            if resumed:
+                print(f"fastq convert: resuming, {resumed} of {shards_total} shard(s) verified and kept", file=sys.stderr)
+            bar = state["bar"] = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+        bar.n = done
+        bar.set_postfix_str(f"shards {shards_done}/{shards_total}", refresh=False)
+        bar.refresh()
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+
+    return update, close
+
+
+def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) -> None:
+    """config.json and generation_config.json as ``save_pretrained`` writes them; the tokenizer and every
+    other non-weight file of the source copied as they are."""
+    import copy
+
+    model = prepared.model
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qcfg.to_dict()
+    config.dtype = str(outputs.config_dtype).removeprefix("torch.")
+    config.architectures = [model.__class__.__name__]
+    config.save_pretrained(tmp)
+    src_folder = prepared.source.folder
+    if hasattr(model, "can_generate") and model.can_generate():
+        from transformers import GenerationConfig
+
+        try:
+            gen = GenerationConfig.from_pretrained(src_folder)
+        except OSError:
+            gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+    for p in sorted(src_folder.iterdir()):
+        if (
+            p.is_file()
+            and not p.name.startswith(".")
+            and p.name not in _NOT_COPIED
+            and not p.name.endswith(_WEIGHT_SUFFIXES)
+            and not p.name.endswith(".index.json")
+        ):
+            shutil.copy2(p, tmp / p.name)
+
+
+def _write_index(tmp: Path, result: dict, total_parameters: int) -> None:
+    """model.safetensors.index.json exactly as ``save_pretrained`` writes it (several shards only)."""
+    shards = result["shards"]
+    if len(shards) < 2:
+        return
+    weight_map = {t: s["name"] for s in shards for t in s["tensors"]}
+    index = {
+        "metadata": {"total_parameters": total_parameters, "total_size": result["total_size"]},
+        "weight_map": weight_map,
+    }
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _commit(tmp: Path, dst: Path, overwrite: bool, fsync: bool) -> None:
+    """Renames the finished temporary folder into place (the only moment DST appears)."""
+    if fsync:
+        for p in tmp.iterdir():
+            if p.is_file() and not p.name.endswith(".safetensors"):  # shards were synced by the writer
+                _fsync_path(p)
+        _fsync_path(tmp, directory=True)
+    trash = None
+    if dst.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{dst} appeared while converting; the result is kept in {tmp}")
+        trash = dst.parent / f".{dst.name}.fastq-old"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.rename(dst, trash)
+    os.rename(tmp, dst)
+    if fsync:
+        _fsync_path(dst.parent, directory=True)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def temp_folder(dst: str | os.PathLike) -> Path:
+    """The temporary sibling folder a conversion to ``dst`` writes into."""
+    dst = Path(dst).absolute()
+    return dst.parent / f".{dst.name}.fastq-tmp"
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    cfg,
+    *,
+    max_shard_size: int | str = "5GB",
+    threads: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    fsync: bool = True,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Quantizes the checkpoint in ``src`` into ``dst``, in the format transformers saves for a bitsandbytes
+    model: ``transformers.AutoModel*.from_pretrained(dst)`` loads it with no extra argument, and
+    ``fastq.load(dst)`` at disk speed.
+
+    Args:
+        src: a folder with config.json and safetensors (sharded or not).
+        dst: the output folder; it must not exist unless ``overwrite``.
+        cfg: the quantization: ``fastq.QuantConfig``, ``BitsAndBytesConfig``, ``BnbQuantizationConfig`` or
+            a dict.
+        max_shard_size: largest shard, as ``save_pretrained``'s (``"5GB"``, ``"500MB"`` or bytes).
+        threads: quantization threads (default: ``FASTQ_NUM_THREADS`` or every core).
+        resume: continue an interrupted conversion into the same ``dst``, keeping the shards whose sha256
+            still matches the manifest.
+        progress: show a progress bar (bytes read, rate, time left).
+        dtype: dtype of the unquantized tensors and of the weights before quantization (default: the
+            config's, as ``from_pretrained`` picks on transformers 5).
+        overwrite: replace an existing ``dst`` (atomically, once the new one is complete).
+        fsync: sync every file before the final rename, so a power cut cannot leave a partial ``dst``.
+        trust_remote_code: passed to transformers when building the skeleton.
+
+    Returns:
+        The path of the converted checkpoint.
+    """
+    from .loader import prepare
+
+    qcfg = QuantConfig.coerce(cfg)
+    if qcfg is None:
+        raise ConfigError("fastq.convert needs a quantization config (load_in_4bit or load_in_8bit)")
+    src, dst = Path(src), Path(dst).absolute()
+    limit = parse_size(max_shard_size)
+    if dst.exists() and not overwrite:
+        raise OutputExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    if src.exists() and dst.exists() and dst.resolve() == src.resolve():
+        raise ConfigError(f"{dst} is the source itself; convert into another folder")
+    prepared = prepare(src, qcfg, dtype=dtype, trust_remote_code=trust_remote_code)
+    if prepared.prequantized:
+        raise ConfigError(f"{src} is already quantized (its config.json has a quantization_config)")
+    outputs = plan_outputs(prepared)
+    params = {
+        "source": os.fspath(Path(prepared.ckpt.path).resolve()),
+        "source_files": _source_fingerprint(prepared.ckpt),
+        "quantization_config": qcfg.to_dict(),
+        "dtype": str(prepared.dtype).removeprefix("torch."),
+        "max_shard_size": limit,
+    }
+    tmp = temp_folder(dst)
+    lock = _Lock(tmp)
+    update, close_bar = _progress_bar(progress, "fastq convert")
+    committed = False
+    try:
+        if not resume:
+            for p in tmp.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        try:
+            result = _fastq.convert(
+                prepared.ckpt.path, os.fspath(tmp), outputs.jobs, outputs.outputs, limit,
+                json.dumps(params, sort_keys=True), resume, fsync, threads, update,
+            )
+        finally:
+            close_bar()
+        _write_index(tmp, result, outputs.total_parameters)
+        _write_side_files(prepared, tmp, outputs, qcfg)
+        lock.release(remove=True)
+        _commit(tmp, dst, overwrite, fsync)
+        committed = True
+    except KeyboardInterrupt:
+        print(f"fastq convert: interrupted; finished shards are kept in {tmp} (run again with --resume)", file=sys.stderr)
+        raise
+    finally:
+        lock.release()
+        if not committed:
+            _drop_if_empty(tmp)
+    return dst
+
+
+def _drop_if_empty(tmp: Path) -> None:
+    """Removes a temporary folder that holds no finished shard (nothing a resume could keep)."""
+    manifest = tmp / "fastq-manifest.json"
+    try:
+        shards = json.loads(manifest.read_text()).get("shards", {}) if manifest.is_file() else {}
+    except (OSError, ValueError):
+        shards = {}
+    if not shards and tmp.is_dir():
+        try:
+            with open(tmp / ".lock", "a") as f:  # not while another run holds it
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
