@@ -535,6 +535,123 @@ mod avx512 {
         Ok(())
     }
 
+    /// AVX-512 `double::quantize_blockwise_dynamic` (the nested 8-bit quantization of the 4-bit
+    /// absmax): the same 7-step binary search of the sorted 256-entry map as the CUDA kernel's
+    /// `dQuantize<0>`, 16 values at a time, branch-free. The first five steps visit at most 32
+    /// pivots, read from registers by permutes; the last two gather from the map.
+    ///
+    /// # Safety
+    /// The CPU must support avx512f, avx512bw, avx512vl, avx2, f16c and fma.
+    #[allow(dead_code)] // Not called yet: `double::quantize_blockwise_dynamic` is to dispatch here.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    pub(crate) unsafe fn quantize_blockwise_dynamic(
+        x: &[f32],
+        codes: &mut [u8],
+        absmax: &mut [f32],
+    ) {
+        use crate::quant::double::{dynamic_map, NESTED_BLOCKSIZE};
+        debug_assert_eq!(codes.len(), x.len());
+        debug_assert_eq!(absmax.len(), x.len().div_ceil(NESTED_BLOCKSIZE));
+        let map = dynamic_map();
+        // Pivots after steps 64, 32, 16, 8, 4: 64 * k + 63, ..., 8 * k + 3; table j holds map[pivot]
+        // at index pivot >> (6 - j).
+        let level = |first: usize, stride: usize| -> [f32; 32] {
+            std::array::from_fn(|k| map[(first + stride * k).min(255)])
+        };
+        let (l1, l2, l3, l4, l5) = (
+            level(63, 128),
+            level(31, 64),
+            level(15, 32),
+            level(7, 16),
+            level(3, 8),
+        );
+        let ld = |t: &[f32; 32], half: usize| -> __m512 {
+            // SAFETY: reads 16 of the 32 floats of `t`.
+            unsafe { _mm512_loadu_ps(t.as_ptr().add(16 * half)) }
+        };
+        let (t1, t2, t3, t4) = (ld(&l1, 0), ld(&l2, 0), ld(&l3, 0), ld(&l4, 0));
+        let (t5lo, t5hi) = (ld(&l5, 0), ld(&l5, 1));
+        let abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fff_ffff));
+        for ((block, out), am_out) in x
+            .chunks(NESTED_BLOCKSIZE)
+            .zip(codes.chunks_mut(NESTED_BLOCKSIZE))
+            .zip(absmax.iter_mut())
+        {
+            let len = block.len();
+            let mask = |i: usize| -> __mmask16 {
+                if i + 16 <= len {
+                    0xffff
+                } else {
+                    ((1u32 << (len - i)) - 1) as __mmask16
+                }
+            };
+            // The kernel's reduction starts at -FLT_MAX; zeros in masked-off lanes change nothing
+            // because the maximum of |x| is at least 0.
+            let mut vmax = _mm512_setzero_ps();
+            for i in (0..len).step_by(16) {
+                // SAFETY: only lanes below `len` are read.
+                let v = _mm512_maskz_loadu_ps(mask(i), block.as_ptr().add(i));
+                // maxps returns its second operand when either is NaN: NaN is skipped, like f32::max.
+                vmax = _mm512_max_ps(_mm512_and_ps(v, abs_mask), vmax);
+            }
+            let am = _mm512_reduce_max_ps(vmax);
+            *am_out = am;
+            let inv = _mm512_set1_ps(1.0f32 / am);
+            for i in (0..len).step_by(16) {
+                let k = mask(i);
+                // SAFETY: only lanes below `len` are read.
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, block.as_ptr().add(i)), inv);
+                let q = dquantize16(&map, v, [t1, t2, t3, t4, t5lo, t5hi]);
+                // SAFETY: only lanes below `len` are written.
+                _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(i) as *mut i8, k, q);
+            }
+        }
+    }
+
+    /// `double::cuda_dquantize` on 16 lanes (see there); `t` holds the map at the pivots of the first
+    /// five steps (the fifth in two halves).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    unsafe fn dquantize16(map: &[f32; 256], x: __m512, t: [__m512; 6]) -> __m512i {
+        let mut pivot = _mm512_set1_epi32(127);
+        let mut lower_pivot = _mm512_setzero_si512();
+        let mut upper_pivot = _mm512_set1_epi32(255);
+        let mut lower = _mm512_set1_ps(-1.0);
+        let mut upper = _mm512_set1_ps(1.0);
+        let mut val = _mm512_set1_ps(map[127]);
+        for (s, step) in [64, 32, 16, 8, 4, 2, 1].into_iter().enumerate() {
+            // `x > val` is false for NaN, as in the kernel.
+            let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, val);
+            lower_pivot = _mm512_mask_mov_epi32(lower_pivot, gt, pivot);
+            lower = _mm512_mask_mov_ps(lower, gt, val);
+            upper_pivot = _mm512_mask_mov_epi32(pivot, gt, upper_pivot);
+            upper = _mm512_mask_mov_ps(val, gt, upper);
+            let st = _mm512_set1_epi32(step);
+            pivot = _mm512_mask_add_epi32(_mm512_sub_epi32(pivot, st), gt, pivot, st);
+            val = match s {
+                0..=3 => _mm512_permutexvar_ps(
+                    _mm512_srlv_epi32(pivot, _mm512_set1_epi32(7 - s as i32)),
+                    t[s],
+                ),
+                4 => _mm512_permutex2var_ps(t[4], _mm512_srli_epi32::<3>(pivot), t[5]),
+                // SAFETY: pivot stays within 0..=255.
+                _ => _mm512_i32gather_ps::<4>(pivot, map.as_ptr()),
+            };
+        }
+        let top = _mm512_cmpeq_epi32_mask(upper_pivot, _mm512_set1_epi32(255));
+        upper = _mm512_mask_mov_ps(upper, top, _mm512_set1_ps(map[255]));
+        let bottom = _mm512_cmpeq_epi32_mask(lower_pivot, _mm512_setzero_si512());
+        lower = _mm512_mask_mov_ps(lower, bottom, _mm512_set1_ps(map[0]));
+        let half = _mm512_set1_ps(0.5);
+        let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, val);
+        let up =
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_mul_ps(_mm512_add_ps(upper, val), half));
+        let down =
+            _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_mul_ps(_mm512_add_ps(lower, val), half));
+        let q = _mm512_mask_mov_epi32(pivot, gt & up, upper_pivot);
+        _mm512_mask_mov_epi32(q, !gt & down, lower_pivot)
+    }
+
     /// Round to nearest, ties to even, whatever MXCSR says, without raising exceptions.
     const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
@@ -816,5 +933,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn nested_dynamic_quantization_matches_scalar() {
+        if !crate::quant::has_avx512() {
+            return;
+        }
+        let map = crate::quant::double::dynamic_map();
+        let mut rng = SmallRng::seed_from_u64(11);
+        for n in [1, 15, 16, 17, 255, 256, 257, 1000, 5000] {
+            // Centered absmax values, plus exact map entries and midpoints scaled by the block
+            // absmax (ties), and an all-zero block (0 * inf = NaN in the kernel).
+            let mut x: Vec<f32> = (0..n).map(|_| rng.gen_range(-0.01f32..0.03)).collect();
+            for v in x.iter_mut().step_by(7) {
+                let i = rng.gen_range(0..255);
+                *v = if rng.gen() {
+                    map[i]
+                } else {
+                    (map[i] + map[i + 1]) * 0.5
+                } * 0.03;
+            }
+            if n >= 512 {
+                x[256..512].fill(0.0);
+            }
+            let want = crate::quant::double::quantize_blockwise_dynamic(&x);
+            let mut codes = vec![0u8; n];
+            let mut absmax = vec![0f32; n.div_ceil(256)];
+            // SAFETY: the CPU supports AVX-512 (checked above).
+            unsafe { avx512::quantize_blockwise_dynamic(&x, &mut codes, &mut absmax) };
+            assert_eq!(absmax, want.1, "n {n}");
+            assert_eq!(codes, want.0, "n {n}");
+        }
+        // Every map entry and midpoint, and their float neighbours, in blocks whose absmax is 1 (so
+        // they reach the search unscaled): the ties and the ends of the map (the bit pattern below
+        // 0.0 is a NaN, which the scalar code also skips in the absmax).
+        let mut x = Vec::new();
+        for i in 0..256 {
+            let mid = if i < 255 {
+                (map[i] + map[i + 1]) * 0.5
+            } else {
+                1.0
+            };
+            for v in [map[i], mid] {
+                let b = v.to_bits();
+                for w in [v, f32::from_bits(b.wrapping_sub(1)), f32::from_bits(b + 1)] {
+                    if x.len() % 256 == 0 {
+                        x.push(1.0);
+                    }
+                    x.push(w.clamp(-1.0, 1.0));
+                }
+            }
+        }
+        let want = crate::quant::double::quantize_blockwise_dynamic(&x);
+        let mut codes = vec![0u8; x.len()];
+        let mut absmax = vec![0f32; x.len().div_ceil(256)];
+        // SAFETY: the CPU supports AVX-512 (checked above).
+        unsafe { avx512::quantize_blockwise_dynamic(&x, &mut codes, &mut absmax) };
+        assert_eq!(absmax, want.1);
+        assert_eq!(codes, want.0);
     }
 }
