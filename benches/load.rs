@@ -6,6 +6,10 @@
 //! Each iteration opens the checkpoint (mmap + header validation), runs `pipeline::spawn` and drops
 //! every result as it arrives: the bounded-memory streaming pattern a loader uses. Throughput is the
 //! bf16 bytes of the quantized tensors. Peak memory is measured by `benches/bench_pipeline.py`.
+//!
+//! With `FASTQ_BENCH_CPU_TIME=1` the group `..._cputime` reports process CPU time (summed over the
+//! threads) instead of wall time: the CPU cost of a load, which other jobs on a shared machine disturb
+//! much less; on an idle machine the wall time is at least CPU time / threads.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -13,7 +17,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::Measurement;
+use criterion::{Criterion, Throughput};
 use fastq::pipeline::{spawn, Options};
 use fastq::{Checkpoint, Kernel, QuantSpec, QuantType};
 
@@ -38,7 +43,7 @@ fn quantize_checkpoint(path: &std::path::Path, names: &[String], threads: Option
         .sum()
 }
 
-fn bench_load(c: &mut Criterion) {
+fn bench_load<M: Measurement>(c: &mut Criterion<M>, suffix: &str) {
     let dir = common::llama_checkpoint();
     common::warm_page_cache(&dir);
     let ckpt = Checkpoint::open(&dir).expect("open the bench checkpoint");
@@ -57,7 +62,7 @@ fn bench_load(c: &mut Criterion) {
         fastq::quant::kernel_name(),
     );
 
-    let mut g = c.benchmark_group("checkpoint_1.1b_bf16_nf4_dq");
+    let mut g = c.benchmark_group(format!("checkpoint_1.1b_bf16_nf4_dq{suffix}"));
     g.throughput(Throughput::Bytes(in_bytes as u64))
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
@@ -68,5 +73,16 @@ fn bench_load(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_load);
-criterion_main!(benches);
+fn main() {
+    if std::env::var_os("FASTQ_BENCH_CPU_TIME").is_some_and(|v| v != "0") {
+        let mut c = Criterion::default()
+            .with_measurement(common::CpuTime)
+            .configure_from_args();
+        bench_load(&mut c, "_cputime");
+        c.final_summary();
+    } else {
+        let mut c = Criterion::default().configure_from_args();
+        bench_load(&mut c, "");
+        c.final_summary();
+    }
+}

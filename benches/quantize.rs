@@ -3,14 +3,17 @@
 //! every core, plus the scalar reference kernel on one thread.
 //!
 //! Throughput is the bf16 input in bytes; elements/s is half of it. `cargo bench --bench quantize`
-//! takes about two minutes; `cargo bench --bench quantize -- nf4` runs a subset.
+//! takes about two minutes; `cargo bench --bench quantize -- nf4` runs a subset. With
+//! `FASTQ_BENCH_CPU_TIME=1` the one-thread runs are timed in process CPU time (group
+//! `..._cputime`), which other jobs on a shared machine disturb much less than wall time.
 
 #[path = "common/mod.rs"]
 mod common;
 
 use std::time::Duration;
 
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::Measurement;
+use criterion::{black_box, BenchmarkId, Criterion, Throughput};
 use fastq::pack::quantize_tensor;
 use fastq::{Dtype, FloatSlice, Kernel, QuantSpec, QuantType};
 
@@ -22,13 +25,14 @@ fn four(quant_type: QuantType, double_quant: bool) -> QuantSpec {
     }
 }
 
-fn bench_quantize(c: &mut Criterion) {
+fn bench_quantize<M: Measurement>(c: &mut Criterion<M>, group: &str, multi_thread: bool) {
     let (rows, cols) = (common::ROWS, common::COLS);
     let data = common::normal_bf16(rows * cols, 42, 0.02);
     let x = FloatSlice::BF16(&data);
     let shape = [rows, cols];
     let all = fastq::pipeline::thread_count(None);
-    let pools: Vec<(String, rayon::ThreadPool)> = [1, all]
+    let counts: &[usize] = if multi_thread { &[1, all] } else { &[1] };
+    let pools: Vec<(String, rayon::ThreadPool)> = counts
         .iter()
         .map(|&t| {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -50,7 +54,7 @@ fn bench_quantize(c: &mut Criterion) {
         ("fp4-dq", four(QuantType::Fp4, true)),
         ("int8", QuantSpec::Int8),
     ];
-    let mut g = c.benchmark_group("quantize_4096x11008_bf16");
+    let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Bytes(data.len() as u64))
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
@@ -82,5 +86,16 @@ fn bench_quantize(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_quantize);
-criterion_main!(benches);
+fn main() {
+    if std::env::var_os("FASTQ_BENCH_CPU_TIME").is_some_and(|v| v != "0") {
+        let mut c = Criterion::default()
+            .with_measurement(common::CpuTime)
+            .configure_from_args();
+        bench_quantize(&mut c, "quantize_4096x11008_bf16_cputime", false);
+        c.final_summary();
+    } else {
+        let mut c = Criterion::default().configure_from_args();
+        bench_quantize(&mut c, "quantize_4096x11008_bf16", true);
+        c.final_summary();
+    }
+}

@@ -224,3 +224,57 @@ pub fn proj_weights(ckpt: &fastq::Checkpoint) -> Vec<String> {
         .map(|t| t.name.clone())
         .collect()
 }
+
+/// A criterion measurement of the CPU time of the whole process instead of wall time. On a machine
+/// shared with other jobs a one-thread run then reports the time its thread really ran, not the
+/// time it waited for a core (set `FASTQ_BENCH_CPU_TIME=1`; multi-thread runs report the sum over
+/// threads, so they are skipped in that mode).
+pub struct CpuTime;
+
+#[repr(C)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+extern "C" {
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// CPU time of this process so far.
+pub fn process_cpu_time() -> std::time::Duration {
+    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec (two i64 on x86-64 Linux) into `ts`.
+    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+impl criterion::measurement::Measurement for CpuTime {
+    type Intermediate = std::time::Duration;
+    type Value = std::time::Duration;
+
+    fn start(&self) -> Self::Intermediate {
+        process_cpu_time()
+    }
+    fn end(&self, i: Self::Intermediate) -> Self::Value {
+        process_cpu_time() - i
+    }
+    fn add(&self, v1: &Self::Value, v2: &Self::Value) -> Self::Value {
+        *v1 + *v2
+    }
+    fn zero(&self) -> Self::Value {
+        std::time::Duration::ZERO
+    }
+    fn to_f64(&self, value: &Self::Value) -> f64 {
+        value.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn criterion::measurement::ValueFormatter {
+        static WALL: criterion::measurement::WallTime = criterion::measurement::WallTime;
+        criterion::measurement::Measurement::formatter(&WALL)
+    }
+}
