@@ -1,0 +1,89 @@
+"""``fastq.save``: a model loaded by ``fastq.load`` (4-bit or 8-bit) saved in the checkpoint format
+``fastq.convert`` writes, atomically.
+
+For a transformers model this is ``save_pretrained`` itself (bitsandbytes' modules serialize their
+packed weights and QuantState), written into a temporary sibling folder that is renamed into place when
+complete. The one thing fastq adjusts is the order tensors reach the shard split: transformers 5 sorts the
+state dict of a model that ``from_pretrained`` loaded (``revert_weight_conversion``, by
+``dot_natural_key``) but not of one built another way, so ``save`` marks the model as loaded with no
+weight conversion, and a fastq-loaded model is saved byte for byte as the same model loaded by
+``from_pretrained``, and as ``fastq.convert`` writes it. Other models (accelerate's path) are saved with
+``huggingface_hub.save_torch_state_dict`` (the same split and safetensors files, no config.json).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .convert import OutputExistsError, _commit, parse_size, temp_folder
+
+__all__ = ["save"]
+
+
+def save(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    *,
+    overwrite: bool = False,
+    fsync: bool = True,
+) -> Path:
+    """Saves ``model`` (typically from ``fastq.load``) as sharded safetensors, atomically.
+
+    Args:
+        model: a model with bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers (or none).
+        path: the output folder; it must not exist unless ``overwrite``.
+        max_shard_size: largest shard (``"5GB"``, ``"500MB"`` or bytes), as ``save_pretrained``'s.
+        overwrite: replace an existing folder (once the new one is complete).
+        fsync: sync the files before the final rename.
+
+    Returns:
+        The output folder.
+    """
+    from transformers import PreTrainedModel
+
+    dst = Path(path).absolute()
+    limit = parse_size(max_shard_size)
+    if dst.exists() and not overwrite:
+        raise OutputExistsError(f"{dst} exists; pass overwrite=True to replace it")
+    tmp = temp_folder(dst)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if isinstance(model, PreTrainedModel):
+            _save_pretrained(model, tmp, limit)
+        else:
+            from huggingface_hub import save_torch_state_dict
+
+            save_torch_state_dict(model.state_dict(), tmp, max_shard_size=limit, metadata={"format": "pt"})
+        if fsync:
+            for p in tmp.iterdir():
+                if p.is_file():
+                    fd = os.open(p, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        _commit(tmp, dst, overwrite, fsync)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _save_pretrained(model, folder: Path, limit: int) -> None:
+    missing = object()
+    previous = getattr(model, "_weight_conversions", missing)
+    if previous is missing:
+        # As after from_pretrained of a checkpoint that needed no renaming (core_model_loading.py).
+        model._weight_conversions = []
+    try:
+        model.save_pretrained(folder, max_shard_size=limit, safe_serialization=True)
+    finally:
+        if previous is missing:
+            del model._weight_conversions
