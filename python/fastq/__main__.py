@@ -1,0 +1,7 @@
+"""``python -m fastq``: the ``fastq`` command (see ``fastq.cli``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,258 @@
+"""The ``fastq`` command (also ``python -m fastq``).
+
+    fastq convert SRC DST --load-in-4bit --quant-type nf4 [--double-quant] [--max-shard-size 5GB] ...
+    fastq inspect PATH [--json] [--verify]
+    fastq demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+__all__ = ["build_parser", "inspect_checkpoint", "main"]
+
+
+def _bool_pair(group, name: str, dest: str, help: str) -> None:
+    group.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help)
+    group.add_argument(f"--no-{name}", dest=dest, action="store_false", help=f"do not {help[0].lower()}{help[1:]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastq", description="Quantize checkpoints to bitsandbytes' 4-bit and 8-bit formats.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser(
+        "convert",
+        help="quantize a checkpoint into the checkpoint transformers saves for a bitsandbytes model",
+        description="Quantize SRC (config.json + safetensors) into DST on the CPU, streaming, atomically. "
+        "The flags are BitsAndBytesConfig's fields; their defaults are its defaults.",
+    )
+    c.add_argument("src", help="folder with config.json and safetensors")
+    c.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    bits = c.add_mutually_exclusive_group(required=True)
+    bits.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4/FP4 (Linear4bit)")
+    bits.add_argument("--load-in-8bit", action="store_true", help="LLM.int8 (Linear8bitLt)")
+    c.add_argument("--quant-type", choices=("nf4", "fp4"), default=None, help="4-bit data type (default fp4)")
+    dq = c.add_mutually_exclusive_group()
+    _bool_pair(dq, "double-quant", "double_quant", "Quantize the 4-bit statistics again (default off)")
+    c.add_argument("--compute-dtype", default=None, help="bnb_4bit_compute_dtype (default float32)")
+    c.add_argument("--quant-storage", default=None, help="bnb_4bit_quant_storage (default uint8)")
+    c.add_argument("--blocksize", type=int, default=None, help="4-bit block size (default 64)")
+    c.add_argument("--skip-modules", nargs="+", default=None, metavar="MODULE", help="llm_int8_skip_modules")
+    c.add_argument("--keep-in-fp32-modules", nargs="+", default=None, metavar="MODULE", help="modules kept unquantized in float32")
+    c.add_argument("--threshold", type=float, default=None, help="llm_int8_threshold (default 6.0)")
+    c.add_argument("--dtype", default=None, help="dtype of the unquantized tensors (default: the config's)")
+    c.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
+    c.add_argument("--threads", type=int, default=None, help="quantization threads (default: every core)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted conversion into DST")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    c.add_argument("--no-fsync", dest="fsync", action="store_false", help="do not sync files before the final rename")
+    c.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (config.json)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("inspect", help="tensors, dtypes, quantization and load memory of a checkpoint")
+    i.add_argument("path", help="a checkpoint folder or safetensors file")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--verify", action="store_true", help="check shards against fastq-manifest.json")
+    i.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip the 4-bit / 8-bit estimates")
+
+    sub.add_parser("demo", help="quantize and load a real model (SmolLM2-135M) on the CPU")
+    return parser
+
+
+def _quant_config(args):
+    from .config import QuantConfig
+
+    fields = {
+        "load_in_4bit": args.load_in_4bit,
+        "load_in_8bit": args.load_in_8bit,
+        "bnb_4bit_quant_type": args.quant_type,
+        "bnb_4bit_use_double_quant": args.double_quant,
+        "bnb_4bit_compute_dtype": args.compute_dtype,
+        "bnb_4bit_quant_storage": args.quant_storage,
+        "blocksize": args.blocksize,
+        "llm_int8_skip_modules": args.skip_modules,
+        "keep_in_fp32_modules": args.keep_in_fp32_modules,
+        "llm_int8_threshold": args.threshold,
+    }
+    return QuantConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _convert(args) -> int:
+    from .convert import convert
+
+    cfg = _quant_config(args)
+    dst = convert(
+        args.src, args.dst, cfg, max_shard_size=args.max_shard_size, threads=args.threads, resume=args.resume,
+        progress=not args.quiet, dtype=args.dtype, overwrite=args.overwrite, fsync=args.fsync,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if not args.quiet:
+        print(f"fastq convert: wrote {dst}", file=sys.stderr)
+    return 0
+
+
+def _estimate(path: Path, cfg) -> int:
+    """Bytes of every tensor a load with ``cfg`` holds (what ``convert`` would write)."""
+    from . import _fastq
+    from .convert import plan_outputs
+    from .loader import prepare
+
+    prepared = prepare(path, cfg)
+    out = plan_outputs(prepared)
+    layout = _fastq.plan_layout(prepared.ckpt.path, out.jobs, out.outputs, 1 << 62)
+    return sum(size for _, tensors in layout for _, _, _, size, _ in tensors)
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, estimate: bool = True, verify: bool = False) -> dict:
+    """What ``fastq inspect`` reports, as a dict.
+
+    Args:
+        path: a checkpoint folder (config.json + safetensors) or one safetensors file.
+        estimate: compute the memory a 4-bit and an 8-bit load would take (builds the empty model).
+        verify: check every shard against ``fastq-manifest.json``.
+
+    Returns:
+        ``tensors``, ``total_bytes``, ``dtypes`` ({dtype: {"tensors", "bytes"}}), ``shards``,
+        ``quantization`` (None or a description), ``memory`` ({"as stored", "4-bit nf4", ...}), and
+        ``manifest`` where one exists.
+    """
+    from .checkpoint import Checkpoint
+    from .config import QuantConfig
+
+    p = Path(path)
+    ckpt = Checkpoint(p)
+    folder = p if p.is_dir() else p.parent
+    metas = [ckpt.meta(k) for k in ckpt.keys()]  # noqa: SIM118 - keys() keeps file order
+    by_dtype: dict[str, dict] = {}
+    for m in metas:
+        d = by_dtype.setdefault(m.dtype, {"tensors": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["bytes"] += m.nbytes
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    keys = ckpt.keys()
+    packed = Counter(k.rpartition("__")[2] for k in keys if ".quant_state.bitsandbytes__" in k)
+    scb = sum(1 for k in keys if k.endswith(".SCB"))
+    quant = None
+    qc = config.get("quantization_config")
+    if qc or packed or scb:
+        quant = {
+            "config": qc,
+            "4bit_weights": dict(packed),
+            "int8_weights": scb,
+            "method": (QuantConfig.coerce(qc).quantization_method() if qc and qc.get("quant_method", "bitsandbytes") == "bitsandbytes" else None),
+        }
+    report = {
+        "path": os.fspath(p),
+        "architectures": config.get("architectures"),
+        "tensors": len(metas),
+        "total_bytes": sum(m.nbytes for m in metas),
+        "shards": len(ckpt.shard_paths),
+        "dtypes": by_dtype,
+        "quantization": quant,
+        "memory": {"as stored": sum(m.nbytes for m in metas)},
+    }
+    if estimate and config and quant is None:
+        report["memory"]["4-bit nf4"] = _estimate(folder, QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+        report["memory"]["4-bit nf4, double quant"] = _estimate(
+            folder, QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+        )
+        report["memory"]["8-bit"] = _estimate(folder, QuantConfig(load_in_8bit=True))
+    manifest = folder / "fastq-manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        report["manifest"] = {"shards": len(m.get("shards", {})), "fastq_version": m.get("fastq_version")}
+        if verify:
+            report["manifest"]["verified"] = _verify(folder, m)
+    return report
+
+
+def _verify(folder: Path, manifest: dict) -> dict[str, bool]:
+    import hashlib
+
+    out = {}
+    for name, rec in manifest.get("shards", {}).items():
+        f = folder / name
+        ok = f.is_file() and f.stat().st_size == rec["size"]
+        if ok:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while chunk := fh.read(8 << 20):
+                    h.update(chunk)
+            ok = h.hexdigest() == rec["sha256"]
+        out[name] = ok
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _inspect(args) -> int:
+    r = inspect_checkpoint(args.path, estimate=args.estimate, verify=args.verify)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['path']}: {r['tensors']} tensors, {_size(r['total_bytes'])} in {r['shards']} shard(s)")
+    if r["architectures"]:
+        print(f"  architecture: {', '.join(r['architectures'])}")
+    for dt, d in sorted(r["dtypes"].items(), key=lambda kv: -kv[1]["bytes"]):
+        print(f"  {dt:>8}: {d['tensors']:6d} tensors, {_size(d['bytes'])}")
+    q = r["quantization"]
+    if q is None:
+        print("  quantization: none")
+    else:
+        what = q["method"] or "bitsandbytes"
+        print(f"  quantization: {what}; {sum(q['4bit_weights'].values())} 4-bit and {q['int8_weights']} int8 weights")
+    print("  memory of a load (weights):")
+    for k, v in r["memory"].items():
+        print(f"    {k:>24}: {_size(v)}")
+    if "manifest" in r:
+        m = r["manifest"]
+        line = f"  fastq manifest: {m['shards']} shard(s) recorded"
+        if "verified" in m:
+            bad = [n for n, ok in m["verified"].items() if not ok]
+            line += "; all verified" if not bad else f"; MISMATCH: {', '.join(bad)}"
+        print(line)
+        if "verified" in m and any(not ok for ok in m["verified"].values()):
+            return 1
+    return 0
+
+
+def _demo(args) -> int:
+    if importlib.util.find_spec("fastq.demo") is None:
+        print("fastq: the demo is not part of this installation", file=sys.stderr)
+        return 2
+    importlib.import_module("fastq.demo").main()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastq`` console script; returns the exit status (0 ok, 1 error, 130 Ctrl-C)."""
+    from .errors import FastqError
+
+    args = build_parser().parse_args(argv)
+    run = {"convert": _convert, "inspect": _inspect, "demo": _demo}[args.command]
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("fastq: interrupted", file=sys.stderr)
+        return 130
+    except (FastqError, OSError) as e:
+        print(f"fastq: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
