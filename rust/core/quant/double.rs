@@ -53,29 +53,43 @@ pub fn quantize_nested(absmax: &[f32]) -> Nested {
 }
 
 /// 8-bit blockwise quantization against the signed dynamic map with blocksize 256, rounding as the
-/// CUDA kernel does. Returns (codes, absmax per block).
+/// CUDA kernel does. Returns (codes, absmax per block). Groups of blocks run in parallel on the
+/// current rayon pool.
 pub fn quantize_blockwise_dynamic(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
+    const GROUP: usize = 64; // blocks per parallel task
     let map = dynamic_map();
     let mut codes = vec![0u8; x.len()];
     let mut absmax = vec![0f32; x.len().div_ceil(NESTED_BLOCKSIZE)];
-    for ((block, out), am_out) in x
-        .chunks(NESTED_BLOCKSIZE)
-        .zip(codes.chunks_mut(NESTED_BLOCKSIZE))
-        .zip(&mut absmax)
-    {
-        // The kernel starts its reduction at -FLT_MAX; over |x| that is the plain maximum.
-        let am = block.iter().fold(f32::MIN, |m, v| m.max(v.abs()));
-        *am_out = am;
-        let inv = 1.0f32 / am;
-        for (o, &v) in out.iter_mut().zip(block) {
-            *o = cuda_dquantize(&map, v * inv);
-        }
-    }
+    x.par_chunks(NESTED_BLOCKSIZE * GROUP)
+        .zip(codes.par_chunks_mut(NESTED_BLOCKSIZE * GROUP))
+        .zip(absmax.par_chunks_mut(GROUP))
+        .for_each(|((x, codes), absmax)| {
+            #[cfg(target_arch = "x86_64")]
+            if super::has_avx512() {
+                // SAFETY: the CPU supports the AVX-512 subsets the kernel needs (checked just above).
+                unsafe { super::x86::avx512::quantize_blockwise_dynamic(x, codes, absmax) };
+                return;
+            }
+            let blocks = x
+                .chunks(NESTED_BLOCKSIZE)
+                .zip(codes.chunks_mut(NESTED_BLOCKSIZE));
+            for ((block, out), am_out) in blocks.zip(absmax.iter_mut()) {
+                // The kernel starts its reduction at -FLT_MAX; over |x| that is the plain maximum.
+                let am = block.iter().fold(f32::MIN, |m, v| m.max(v.abs()));
+                *am_out = am;
+                let inv = 1.0f32 / am;
+                for (o, &v) in out.iter_mut().zip(block) {
+                    *o = cuda_dquantize(&map, v * inv);
+                }
+            }
+        });
     (codes, absmax)
 }
 
 /// `dQuantize<0>` of `csrc/kernels.cu`: nearest entry of a sorted 256-entry map by binary search.
-/// Comparisons are written as in the kernel so that NaN and ties fall the same way.
+/// Comparisons are written as in the kernel so that NaN and ties fall the same way; every step is a
+/// select rather than a branch (the comparisons are unpredictable, so branches would mispredict).
 #[inline]
 pub fn cuda_dquantize(map: &[f32; 256], x: f32) -> u8 {
     let mut pivot: usize = 127;
@@ -83,42 +97,32 @@ pub fn cuda_dquantize(map: &[f32; 256], x: f32) -> u8 {
     let mut lower_pivot: usize = 0;
     let mut lower = -1.0f32;
     let mut upper = 1.0f32;
-    let mut val = map[pivot];
     let mut step = 64;
     while step > 0 {
-        if x > val {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += step;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= step;
-        }
-        val = map[pivot];
+        let val = map[pivot];
+        let gt = x > val;
+        lower_pivot = if gt { pivot } else { lower_pivot };
+        lower = if gt { val } else { lower };
+        upper_pivot = if gt { upper_pivot } else { pivot };
+        upper = if gt { upper } else { val };
+        pivot = if gt { pivot + step } else { pivot - step };
         step >>= 1;
     }
+    let val = map[pivot];
     if upper_pivot == 255 {
         upper = map[upper_pivot];
     }
     if lower_pivot == 0 {
         lower = map[lower_pivot];
     }
-    if x > val {
-        let midpoint = (upper + val) * 0.5;
-        if x > midpoint {
-            upper_pivot as u8
-        } else {
-            pivot as u8
-        }
+    let (mid, above, near, far) = if x > val {
+        ((upper + val) * 0.5, true, pivot, upper_pivot)
     } else {
-        let midpoint = (lower + val) * 0.5;
-        if x < midpoint {
-            lower_pivot as u8
-        } else {
-            pivot as u8
-        }
-    }
+        ((lower + val) * 0.5, false, pivot, lower_pivot)
+    };
+    // above: x > mid picks the upper neighbour; below: x < mid picks the lower one.
+    let take_far = if above { x > mid } else { x < mid };
+    (if take_far { far } else { near }) as u8
 }
 
 #[cfg(test)]

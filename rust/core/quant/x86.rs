@@ -261,7 +261,7 @@ pub(crate) unsafe fn quantize_int8_rows_avx2(
 
 /// AVX-512 (F, BW, VL) kernels: 16 lanes a vector, absmax from the integer maximum of the |x| bit
 /// patterns, and the 4-bit bucket found by a 4-step binary search through permuted bound tables.
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::first_nonfinite;
@@ -542,7 +542,6 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU must support avx512f, avx512bw, avx512vl, avx2, f16c and fma.
-    #[allow(dead_code)] // Not called yet: `double::quantize_blockwise_dynamic` is to dispatch here.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
     pub(crate) unsafe fn quantize_blockwise_dynamic(
         x: &[f32],
