@@ -33,12 +33,6 @@ from conftest import VOCAB, tiny_config
 from fastq.device_map import check_offload
 from transformers import BitsAndBytesConfig
 
-pytestmark = [
-    # bitsandbytes' CPU int8 matmul casts bf16 activations to fp16 and warns on every call
-    # (bitsandbytes/autograd/_functions.py, MatMul8bitLt.forward); the reference model warns the same.
-    pytest.mark.filterwarnings("ignore:MatMul8bitLt. inputs will be cast from:UserWarning"),
-]
-
 DTYPE = torch.bfloat16
 
 #: BitsAndBytesConfig arguments by name. "fp4" keeps transformers' default compute dtype (float32).
