@@ -1,0 +1,219 @@
+"""fastq vs transformers + bitsandbytes on a GPU, side by side in one run (run on the GPU machine).
+
+    python3 benches/gpu/compare.py --work /tmp/fastq-gpu --out $OUT [--layers 32] [--cases ...]
+
+Makes a Llama-2-7B-shaped bf16 checkpoint (random weights, 3 shards) unless present, warms the page
+cache, then runs each case in a fresh subprocess (imports excluded from the timing):
+  tf_nf4 / fq_nf4    from_pretrained vs fastq.load, NF4 + double quant, bf16 compute, device_map={"": 0}
+  tf_int8 / fq_int8  the same in LLM.int8
+  fq_convert         fastq.convert of the checkpoint to NF4 (CPU only, all cores)
+  tf_pre / fq_pre    reloading that pre-quantized checkpoint with transformers and with fastq
+Each case reports load seconds, GPU peak, host peak RSS, a greedy-generation speed with bitsandbytes'
+kernels, and the last-position logits of a fixed prompt (compared across cases at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LLAMA7B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=11008,
+    num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32, vocab_size=32000,
+    max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    hidden_act="silu", dtype="bfloat16", bos_token_id=1, eos_token_id=2,
+)
+
+
+def make_checkpoint(path: Path, layers: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    if (path / "model.safetensors.index.json").is_file():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(LLAMA7B, num_hidden_layers=layers)
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{k}.weight"] = (h, h)
+        shapes[p + "mlp.gate_proj.weight"] = (i, h)
+        shapes[p + "mlp.up_proj.weight"] = (i, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    names = list(shapes)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    per = -(-len(names) // 3)
+    weight_map, total = {}, 0
+    for s in range(3):
+        fname = f"model-{s + 1:05d}-of-00003.safetensors"
+        chunk = {}
+        for n in names[s * per:(s + 1) * per]:
+            shp = shapes[n]
+            t = torch.ones(shp, device="cuda") if len(shp) == 1 else torch.randn(shp, device="cuda", generator=g) * 0.02
+            chunk[n] = t.to(torch.bfloat16).cpu()
+            weight_map[n] = fname
+            total += chunk[n].numel() * 2
+        save_file(chunk, path / fname, metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def warm(path: Path) -> float:
+    total = 0
+    t = time.perf_counter()
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(64 << 20):
+                total += len(chunk)
+    return total / (time.perf_counter() - t) / 1e9
+
+
+def run_case(case: str, ckpt: Path, pre: Path, out: Path) -> dict:
+    import torch
+    import transformers
+
+    import fastq
+
+    bnb4 = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    bnb8 = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    dm = {"": 0}
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")
+    base_rss = _rss_now()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    if case == "tf_nf4":
+        m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb4, device_map=dm, dtype=torch.bfloat16)
+    elif case == "fq_nf4":
+        m = fastq.load(ckpt, bnb4, dm, dtype=torch.bfloat16, progress=False)
+    elif case == "tf_int8":
+        m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb8, device_map=dm, dtype=torch.bfloat16)
+    elif case == "fq_int8":
+        m = fastq.load(ckpt, bnb8, dm, dtype=torch.bfloat16, progress=False)
+    elif case == "fq_convert":
+        fastq.convert(ckpt, pre, bnb4, progress=False)
+        return {"case": case, "load_s": time.perf_counter() - t, "rss_gb": _rss()}
+    elif case == "tf_pre":
+        m = transformers.AutoModelForCausalLM.from_pretrained(pre, device_map=dm, dtype=torch.bfloat16)
+    elif case == "fq_pre":
+        m = fastq.load(pre, None, dm, dtype=torch.bfloat16, progress=False)
+    else:
+        raise SystemExit(f"unknown case {case}")
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - t
+    gpu_peak = torch.cuda.max_memory_allocated() / 1e9
+    ids = torch.arange(1, 65, device="cuda").unsqueeze(0) * 37 % 32000
+    with torch.no_grad():
+        logits = m(ids).logits[0, -1].float().cpu()
+        m.generate(ids[:, :8], max_new_tokens=4, do_sample=False)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        gen = m.generate(ids[:, :8], max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        torch.cuda.synchronize()
+        tok_s = 64 / (time.perf_counter() - t)
+    torch.save(logits, out / f"logits_{case}.pt")
+    digests = {}
+    for name, mod in m.named_modules():
+        w = getattr(mod, "weight", None)
+        if w is None or not hasattr(w, "quant_state") and not hasattr(w, "SCB"):
+            continue
+        d = {"weight": _sha(w.data)}
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            d.update(absmax=_sha(qs.absmax), offset=float(qs.offset) if qs.offset is not None else None,
+                     nested_absmax=_sha(qs.state2.absmax) if qs.state2 is not None else None)
+        if getattr(w, "SCB", None) is not None:
+            d["SCB"] = _sha(w.SCB)
+        digests[name] = d
+    (out / f"digests_{case}.json").write_text(json.dumps(digests))
+    return {"case": case, "load_s": load_s, "gpu_peak_gb": gpu_peak, "rss_gb": _rss(), "rss_base_gb": base_rss,
+            "tok_s": tok_s, "tokens": gen[0, 8:24].tolist(), "footprint_gb": m.get_memory_footprint() / 1e9}
+
+
+def _sha(t) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().contiguous().cpu().view(-1).view(__import__("torch").uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def _rss_now() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def _rss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/fastq-gpu")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--cases", nargs="*", default=["tf_nf4", "fq_nf4", "tf_int8", "fq_int8", "fq_convert", "tf_pre", "fq_pre"])
+    ap.add_argument("--case")
+    args = ap.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    ckpt, pre = work / "llama7b", work / "llama7b-nf4"
+    if args.case:
+        print("RESULT " + json.dumps(run_case(args.case, ckpt, pre, out)), flush=True)
+        return
+    import torch
+
+    t = time.perf_counter()
+    make_checkpoint(ckpt, args.layers)
+    print(f"checkpoint ready in {time.perf_counter() - t:.1f} s; GPU {torch.cuda.get_device_name()}", flush=True)
+    results = []
+    for case in args.cases:
+        bw = warm(ckpt) if case != "fq_pre" and case != "tf_pre" else warm(pre)
+        p = subprocess.run([sys.executable, __file__, "--work", str(work), "--out", str(out), "--case", case],
+                           capture_output=True, text=True, timeout=900)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{case} FAILED rc={p.returncode}\n{p.stderr[-3000:]}", flush=True)
+            continue
+        r = json.loads(line[0][7:])
+        r["page_cache_gbps"] = bw
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    (out / "gpu_results.json").write_text(json.dumps(results, indent=1))
+    by = {r["case"]: r for r in results}
+    for a, b in (("tf_nf4", "fq_nf4"), ("tf_int8", "fq_int8"), ("tf_pre", "fq_pre"), ("tf_nf4", "fq_pre")):
+        if a in by and b in by:
+            la, lb = torch.load(out / f"logits_{a}.pt"), torch.load(out / f"logits_{b}.pt")
+            print(f"{a} vs {b}: load {by[a]['load_s']:.2f}s vs {by[b]['load_s']:.2f}s "
+                  f"({by[a]['load_s'] / by[b]['load_s']:.1f}x), logits max|diff| {(la - lb).abs().max():.4g} "
+                  f"(scale {la.abs().max():.3g}), same tokens {by[a]['tokens'] == by[b]['tokens']}")
+            da = json.loads((out / f"digests_{a}.json").read_text())
+            db = json.loads((out / f"digests_{b}.json").read_text())
+            for field in ("weight", "absmax", "offset", "nested_absmax", "SCB"):
+                same = sum(1 for k in da if field in da[k] and da[k][field] == db.get(k, {}).get(field))
+                total = sum(1 for k in da if field in da[k])
+                if total:
+                    print(f"  {field}: {same}/{total} modules byte-identical")
+    print("case        load_s  gpu_peak_GB  host_rss_peak_GB (base)  tok/s")
+    for r in results:
+        print(f"{r['case']:<11} {r['load_s']:6.2f}  {r.get('gpu_peak_gb', 0):11.2f}  {r['rss_gb']:8.2f} "
+              f"({r.get('rss_base_gb', 0):.2f})  {r.get('tok_s', 0):5.1f}")
+
+
+if __name__ == "__main__":
+    main()
