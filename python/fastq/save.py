@@ -20,8 +20,37 @@ from pathlib import Path
 import torch
 
 from .convert import OutputExistsError, _commit, parse_size, temp_folder
+from .errors import FastqError
 
-__all__ = ["save"]
+__all__ = ["UnsavableModelError", "save"]
+
+
+class UnsavableModelError(FastqError, ValueError):
+    """The model's quantized state cannot be saved faithfully any more."""
+
+
+def _check_not_repacked(model: torch.nn.Module) -> None:
+    """bitsandbytes' CPU backend repacks a 4-bit weight for its gemm on the first forward pass and rounds
+    its absmax to bfloat16, transposed (functional.py ``_convert_weight_packed_for_cpu``); the inverse its
+    ``_save_to_state_dict`` runs restores the codes but not the absmax, so a checkpoint saved from such a
+    model no longer matches its weights (bitsandbytes 0.50.2). Refuse rather than write it."""
+    import bitsandbytes as bnb
+
+    for name, m in model.named_modules():
+        if not isinstance(m, bnb.nn.Linear4bit):
+            continue
+        state = getattr(m.weight, "quant_state", None)
+        if state is None:
+            continue
+        absmax = state.absmax
+        if getattr(state, "packing_format_for_cpu", False) or absmax.dim() != 1 or absmax.dtype not in (
+            torch.float32, torch.uint8
+        ):
+            raise UnsavableModelError(
+                f"{name}: bitsandbytes repacked this 4-bit weight for its CPU kernel when the model ran "
+                "(absmax rounded to bfloat16), so it can no longer be saved as it was quantized. Save the "
+                "model before running it on the CPU, or load it again and save that."
+            )
 
 
 def save(
@@ -43,11 +72,16 @@ def save(
 
     Returns:
         The output folder.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
+        UnsavableModelError: the model ran on the CPU, and bitsandbytes repacked its 4-bit weights lossily.
     """
     from transformers import PreTrainedModel
 
     dst = Path(path).absolute()
     limit = parse_size(max_shard_size)
+    _check_not_repacked(model)
     if dst.exists() and not overwrite:
         raise OutputExistsError(f"{dst} exists; pass overwrite=True to replace it")
     tmp = temp_folder(dst)

@@ -1,0 +1,487 @@
+"""``fastq convert`` / ``fastq.convert`` / ``fastq.save`` against transformers + bitsandbytes (CPU).
+
+The reference for every conversion is what transformers itself writes: ``from_pretrained`` of the same
+tiny source with the same ``BitsAndBytesConfig`` and ``device_map="cpu"``, then ``save_pretrained``
+(before any forward pass: bitsandbytes' CPU backend repacks 4-bit weights on first use). fastq's folder
+must hold the same files byte for byte - shards, index, config.json, generation_config.json - and
+``from_pretrained(DST)`` must give the same logits as the reference model.
+
+Double quantization is the one exception: fastq's nested 8-bit codes follow bitsandbytes' CUDA kernel
+(what a GPU-quantized checkpoint holds) while its CPU kernel rounds ~0.2% of them one step the other way
+through a lookup table. There every tensor but ``*.weight.absmax`` (the nested codes) is compared byte
+for byte, the codes within one step on at most 1% of entries, and the logits within 1% of their scale
+(one code step moves one 64-weight block's scale by a fraction of a percent). A shard of a
+double-quantized model also orders its tensors differently from safetensors' (the ``quant_state`` JSON,
+whose length is only known after quantizing, goes last), so its files are compared tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fastq
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import VOCAB
+from fastq import _fastq
+from fastq.convert import temp_folder
+from fastq.save import UnsavableModelError
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import BitsAndBytesConfig
+
+pytestmark = [pytest.mark.filterwarnings("ignore:MatMul8bitLt. inputs will be cast from:UserWarning")]
+
+CONFIGS = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "int8": {"load_in_8bit": True},
+    "fp4-bf16-storage": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_quant_storage": torch.bfloat16},
+    "nf4-skip": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "llm_int8_skip_modules": ["lm_head", "down_proj", "fc2", "wo"]},
+}
+AUTO = {
+    "llama": transformers.AutoModelForCausalLM,
+    "gpt2": transformers.AutoModelForCausalLM,
+    "opt": transformers.AutoModelForCausalLM,
+    "bloom": transformers.AutoModelForCausalLM,
+    "bert": transformers.AutoModel,
+    "t5": transformers.AutoModelForSeq2SeqLM,
+}
+MATRIX = [(f, c) for f in AUTO for c in ("nf4", "int8", "nf4-dq")] + [
+    ("llama", "fp4"), ("gpt2", "fp4"), ("llama", "fp4-bf16-storage"), ("llama", "nf4-skip"), ("opt", "nf4-skip"),
+]
+
+
+def bnb(name: str) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(**CONFIGS[name])
+
+
+def inputs(family: str) -> dict:
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "decoder_input_ids": ids[:, :5]} if family == "t5" else {"input_ids": ids}
+
+
+def outputs(model, family: str) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs(family))
+    return out.last_hidden_state if family == "bert" else out.logits
+
+
+def assert_close(ref: torch.Tensor, got: torch.Tensor) -> None:
+    """Double quant only (see the module docstring)."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    scale = float(ref.abs().max())
+    err = float((got.float() - ref.float()).abs().max())
+    assert err <= 0.01 * scale, f"max |diff| {err} exceeds 1% of the output scale {scale}"
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
+    return out
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_files(ref, got, double_quant: bool = False) -> None:
+    """Every file transformers wrote is in ``got`` with the same bytes (shards tensor by tensor with
+    double quant, see the module docstring); fastq adds only its manifest."""
+    names = sorted(os.listdir(ref))
+    assert sorted(set(os.listdir(got)) - {"fastq-manifest.json"}) == names
+    for name in names:
+        if double_quant and name.endswith(".safetensors"):
+            continue
+        assert filecmp.cmp(Path(ref, name), Path(got, name), shallow=False), f"{name} differs"
+    if not double_quant:
+        return
+    a, b = tensors(ref), tensors(got)
+    assert set(a) == set(b)
+    index = json.loads(Path(ref, "model.safetensors.index.json").read_text()) if "model.safetensors.index.json" in names else None
+    total = diff = 0
+    for key, x in a.items():
+        y = b[key]
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), key
+        if key.endswith(".weight.absmax") and x.dtype == torch.uint8:
+            delta = (x.to(torch.int16) - y.to(torch.int16)).abs()
+            assert int(delta.max()) <= 1, key
+            total, diff = total + delta.numel(), diff + int((delta != 0).sum())
+        else:
+            assert torch.equal(raw(x), raw(y)), key
+    assert total and diff <= 0.01 * total, f"{diff} of {total} nested codes differ"
+    if index is not None:
+        assert json.loads(Path(got, "model.safetensors.index.json").read_text()) == index
+
+
+@pytest.fixture(scope="session")
+def transformers_saved(tiny_model, tmp_path_factory):
+    """``(family, config, max_shard_size) -> (folder, outputs)``: transformers' quantized save of the tiny
+    model, and the quantized model's outputs (computed after saving)."""
+    cache = {}
+
+    def make(family: str, name: str, max_shard_size: str = "5GB"):
+        key = (family, name, max_shard_size)
+        if key not in cache:
+            src = tiny_model(family)
+            model = AUTO[family].from_pretrained(src, quantization_config=bnb(name), device_map="cpu")
+            folder = tmp_path_factory.mktemp(f"tf-{family}-{name}")
+            model.save_pretrained(folder, max_shard_size=max_shard_size)
+            cache[key] = (folder, outputs(model, family))
+        return cache[key]
+
+    return make
+
+
+# -- format: byte for byte what transformers writes, and what it loads ----------------------------------
+
+
+@pytest.mark.parametrize(("family", "name"), MATRIX, ids=[f"{f}-{n}" for f, n in MATRIX])
+def test_convert_equals_transformers(tiny_model, transformers_saved, tmp_path, family, name):
+    ref_dir, ref_out = transformers_saved(family, name)
+    dst = fastq.convert(tiny_model(family), tmp_path / "out", bnb(name), progress=False)
+    assert_same_files(ref_dir, dst, double_quant=name.endswith("-dq"))
+    # transformers loads the converted folder with no quantization argument
+    got = AUTO[family].from_pretrained(dst, device_map="cpu")
+    if name.endswith("-dq"):
+        assert_close(ref_out, outputs(got, family))
+    else:
+        assert torch.equal(outputs(got, family), ref_out)
+    # and fastq.load reads it as a pre-quantized checkpoint
+    loaded = fastq.load(dst, None, "cpu", progress=False)
+    if name.endswith("-dq"):
+        assert_close(ref_out, outputs(loaded, family))
+    else:
+        assert torch.equal(outputs(loaded, family), ref_out)
+
+
+@pytest.mark.parametrize(("family", "name"), [("llama", "nf4"), ("gpt2", "int8"), ("t5", "nf4"), ("bert", "nf4-dq")])
+def test_sharded_convert_equals_transformers(tiny_model, transformers_saved, tmp_path, family, name):
+    """Several shards: transformers' split (oversized tensors alone, placed first) and its index."""
+    ref_dir, _ = transformers_saved(family, name, "100KB")
+    dst = fastq.convert(tiny_model(family), tmp_path / "out", bnb(name), max_shard_size="100KB", progress=False)
+    assert len(list(Path(dst).glob("model-*-of-*.safetensors"))) > 2
+    assert_same_files(ref_dir, dst, double_quant=name.endswith("-dq"))
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_convert_casts_like_transformers(tiny_model, tmp_path, name):
+    """A float32 checkpoint converted as bfloat16: weights are cast before quantizing, as transformers does."""
+    src = tiny_model("gpt2", torch.float32)
+    ref = AUTO["gpt2"].from_pretrained(src, quantization_config=bnb(name), device_map="cpu", dtype=torch.bfloat16)
+    ref.save_pretrained(tmp_path / "ref")
+    dst = fastq.convert(src, tmp_path / "out", bnb(name), dtype=torch.bfloat16, progress=False)
+    assert_same_files(tmp_path / "ref", dst)
+
+
+def test_quant_state_json_and_float_repr_match_bitsandbytes():
+    from bitsandbytes.functional import QuantState
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.standard_normal(20000).astype(np.float32) * 10.0 ** rng.integers(-45, 38, 20000),
+        np.array([0.0, -0.0, 1.0, 1e-5, 1e-4, 1e16, 1e15, 3.4028235e38, 1.4e-45, np.inf, -np.inf], np.float32),
+    ])
+    for v in values:
+        assert _fastq.py_float_repr(float(v)) == json.dumps(float(v)), v
+    for qt, dtype, shape, offset in [("nf4", torch.bfloat16, (128, 384), 0.0736732), ("fp4", torch.float16, (7, 3), None)]:
+        state = QuantState(
+            absmax=torch.zeros(4), shape=torch.Size(shape), code=torch.zeros(16), blocksize=64, quant_type=qt, dtype=dtype,
+            offset=None if offset is None else torch.tensor(offset, dtype=torch.float32),
+            state2=None if offset is None else QuantState(absmax=torch.zeros(1), code=torch.zeros(256), blocksize=256, dtype=torch.float32),
+        )
+        want = bytes(state.as_dict(packed=True)[f"quant_state.bitsandbytes__{qt}"].numpy())
+        dt = {torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+        assert _fastq.quant_state_json(qt, 64, dt, list(shape), offset).encode() == want
+
+
+# -- fastq.save and accelerate's save_model on fastq-loaded models ------------------------------------
+
+
+@pytest.mark.parametrize(("family", "name"), [("llama", "nf4"), ("llama", "int8"), ("gpt2", "nf4"), ("t5", "int8")])
+def test_save_roundtrip(tiny_model, transformers_saved, tmp_path, family, name):
+    ref_dir, ref_out = transformers_saved(family, name)
+    model = fastq.load(tiny_model(family), bnb(name), "cpu", progress=False)
+    out = fastq.save(model, tmp_path / "saved")
+    assert_same_files(ref_dir, out)  # the same bytes as transformers' save (and as fastq.convert)
+    assert torch.equal(outputs(AUTO[family].from_pretrained(out, device_map="cpu"), family), ref_out)
+    assert torch.equal(outputs(fastq.load(out, None, "cpu", progress=False), family), ref_out)
+    with pytest.raises(fastq.OutputExistsError):
+        fastq.save(model, out)
+    fastq.save(model, out, "100KB", overwrite=True)
+    assert len(list(Path(out).glob("model-*-of-*.safetensors"))) > 2
+    assert not temp_folder(out).exists()
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_accelerate_save_model_reads_back(tiny_model, tmp_path, name):
+    """accelerate's guide: ``Accelerator().save_model(model, dir)``, then reload the weights into an empty
+    model with the same quantization config (``load_and_quantize_model``), or with config.json beside
+    them, ``fastq.load(dir)``."""
+    from accelerate import Accelerator, init_empty_weights
+
+    src = tiny_model("llama")
+    model = fastq.load(src, bnb(name), "cpu", progress=False)
+    out = tmp_path / "acc"
+    Accelerator().save_model(model, out)  # before any forward pass (see test_save_refuses_a_repacked_model)
+    want = outputs(model, "llama")
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    with init_empty_weights():
+        config = transformers.AutoConfig.from_pretrained(src)
+        empty = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    again = fastq.load_and_quantize_model(empty, bnb(name), weights_location=out, device_map="cpu")
+    assert torch.equal(outputs(again, "llama"), want)
+    model.config.to_json_file(out / "config.json")  # carries quantization_config
+    assert torch.equal(outputs(fastq.load(out, None, "cpu", progress=False), "llama"), want)
+
+
+def test_save_refuses_a_repacked_model(tiny_model, tmp_path):
+    """After a CPU forward pass bitsandbytes 0.50.2 holds absmax as transposed bfloat16 and its state dict
+    keeps it that way: a checkpoint saved then reloads to different logits. fastq.save refuses."""
+    model = fastq.load(tiny_model("llama"), bnb("nf4"), "cpu", progress=False)
+    outputs(model, "llama")
+    with pytest.raises(UnsavableModelError, match="repacked"):
+        fastq.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not temp_folder(tmp_path / "out").exists()
+
+
+# -- atomic, resumable, cancellable -----------------------------------------------------------------
+
+
+def make_llama(folder: Path, layers: int = 12, hidden: int = 512, seed: int = 0) -> Path:
+    """A Llama checkpoint of random bf16 weights (~100 MB at the defaults), written directly."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False,
+    )
+    folder.mkdir(parents=True)
+    cfg.save_pretrained(folder)
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    weights = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def manifest_shards(tmp: Path) -> int:
+    try:
+        return len(json.loads((tmp / "fastq-manifest.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def start_cli(*args) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, "-m", "fastq", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_shards(proc: subprocess.Popen, tmp: Path, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while manifest_shards(tmp) < n:
+        assert proc.poll() is None, "the conversion ended before it could be interrupted: " + proc.stderr.read()
+        assert time.monotonic() < deadline, "no shard finished in time"
+        time.sleep(0.002)
+
+
+CONVERT = ["--load-in-4bit", "--quant-type", "nf4", "--max-shard-size", "1MB", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory):
+    return make_llama(tmp_path_factory.mktemp("big") / "src")
+
+
+@pytest.fixture(scope="module")
+def big_reference(big_source, tmp_path_factory):
+    """The uninterrupted conversion of ``big_source`` (same flags as the CLI runs below)."""
+    dst = tmp_path_factory.mktemp("ref") / "out"
+    cfg = fastq.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    return fastq.convert(big_source, dst, cfg, max_shard_size="1MB", threads=1, progress=False)
+
+
+def assert_identical_folders(a: Path, b: Path) -> None:
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for name in os.listdir(a):
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+def test_kill_then_resume(big_source, big_reference, tmp_path):
+    dst = tmp_path / "out"
+    tmp = temp_folder(dst)
+    proc = start_cli("convert", big_source, dst, *CONVERT)
+    wait_for_shards(proc, tmp, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not dst.exists(), "a killed conversion must not leave a finished-looking folder"
+    kept = manifest_shards(tmp)
+    assert kept >= 3
+    # a finished shard damaged after the kill is found by its checksum and written again
+    first = min(tmp.glob("model-*.safetensors"))
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 0xFF
+    first.write_bytes(bytes(data))
+    proc = start_cli("convert", big_source, dst, *CONVERT, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    resumed = int(err.split("resuming, ")[1].split(" of ")[0])
+    assert kept - 1 <= resumed < kept + 1 and resumed >= 2, err
+    assert not tmp.exists()
+    assert_identical_folders(big_reference, dst)
+
+
+def test_ctrl_c_exits_cleanly_and_resumes(big_source, big_reference, tmp_path):
+    dst = tmp_path / "out"
+    proc = start_cli("convert", big_source, dst, *CONVERT)
+    wait_for_shards(proc, temp_folder(dst), 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not dst.exists()
+    assert manifest_shards(temp_folder(dst)) >= 2
+    fastq.convert(big_source, dst, fastq.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                  max_shard_size="1MB", threads=1, resume=True, progress=False)
+    assert_identical_folders(big_reference, dst)
+
+
+def test_gil_is_released_while_converting(big_source, tmp_path):
+    done = threading.Event()
+    ticks = 0
+
+    def run():
+        fastq.convert(big_source, tmp_path / "out", fastq.QuantConfig(load_in_8bit=True), progress=False)
+        done.set()
+
+    t = threading.Thread(target=run)
+    start = time.monotonic()
+    t.start()
+    while not done.is_set():
+        ticks += 1
+        time.sleep(0.001)
+    t.join()
+    elapsed = time.monotonic() - start
+    assert ticks > 0.2 * elapsed / 0.001, f"the main thread ran {ticks} times in {elapsed:.2f} s"
+
+
+def test_resume_refuses_other_parameters(big_source, tmp_path):
+    dst = tmp_path / "out"
+    proc = start_cli("convert", big_source, dst, *CONVERT)
+    wait_for_shards(proc, temp_folder(dst), 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    with pytest.raises(fastq.InvalidArgumentError, match="other parameters"):
+        fastq.convert(big_source, dst, fastq.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+                      max_shard_size="1MB", resume=True, progress=False)
+    assert not dst.exists()
+
+
+def test_existing_destination(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep").write_text("x")
+    with pytest.raises(fastq.OutputExistsError):
+        fastq.convert(src, dst, bnb("nf4"), progress=False)
+    assert (dst / "keep").exists()
+    fastq.convert(src, dst, bnb("nf4"), progress=False, overwrite=True)
+    assert not (dst / "keep").exists() and (dst / "model.safetensors").exists()
+    assert not temp_folder(dst).exists()
+    with pytest.raises(fastq.ConfigError, match="already quantized"):
+        fastq.convert(dst, tmp_path / "again", bnb("nf4"), progress=False)
+
+
+# -- bad input: a clear fastq error, no output -------------------------------------------------------
+
+
+def broken_copy(tiny_model, tmp_path, family="llama") -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model(family), src)
+    return src
+
+
+def assert_no_output(dst: Path) -> None:
+    assert not dst.exists() and not temp_folder(dst).exists()
+
+
+def test_truncated_shard(tiny_model, tmp_path):
+    src = broken_copy(tiny_model, tmp_path)
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(fastq.TruncatedShardError) as e:
+        fastq.convert(src, tmp_path / "out", bnb("nf4"), progress=False)
+    assert e.value.path == str(f)
+    assert_no_output(tmp_path / "out")
+
+
+def test_missing_shard(tiny_model, tmp_path):
+    src = broken_copy(tiny_model, tmp_path)
+    (src / "model.safetensors").rename(src / "model-00001-of-00002.safetensors")
+    with safe_open(src / "model-00001-of-00002.safetensors", "pt") as st:
+        keys = list(st.keys())
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in keys}
+    weight_map["extra.weight"] = "model-00002-of-00002.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(fastq.MissingFileError, match="model-00002-of-00002"):
+        fastq.convert(src, tmp_path / "out", bnb("nf4"), progress=False)
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_nan_weight(tiny_model, tmp_path, name):
+    src = broken_copy(tiny_model, tmp_path)
+    with safe_open(src / "model.safetensors", "pt") as st:
+        weights = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118
+    bad = "model.layers.1.mlp.up_proj.weight"
+    weights[bad][3, 7] = float("nan")
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(fastq.NonFiniteError) as e:
+        fastq.convert(src, tmp_path / "out", bnb(name), progress=False)
+    assert e.value.tensor == bad and e.value.path == str(src / "model.safetensors")
+    assert_no_output(tmp_path / "out")
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+
+def test_cli_convert_and_inspect(tiny_model, transformers_saved, tmp_path):
+    src = tiny_model("llama")
+    ref_dir, _ = transformers_saved("llama", "nf4-dq")
+    dst = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "fastq", "convert", src, dst, "--load-in-4bit", "--quant-type", "nf4",
+         "--double-quant", "--quiet"], check=False, capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert_same_files(ref_dir, dst, double_quant=True)
+    r = subprocess.run([sys.executable, "-m", "fastq", "inspect", dst, "--json", "--verify"], check=False, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["quantization"]["method"] == "nf4"
+    assert report["quantization"]["4bit_weights"] == {"nf4": 14}
+    assert set(report["manifest"]["verified"].values()) == {True}
+    assert report["dtypes"]["U8"]["tensors"] == 3 * 14
+    # the source's estimates are the sizes of what convert writes
+    r = subprocess.run([sys.executable, "-m", "fastq", "inspect", src, "--json"], check=False, capture_output=True, text=True)
+    est = json.loads(r.stdout)["memory"]
+    # (with double quant the quant_state JSON's length is bounded before quantizing: <= 24 bytes per weight)
+    assert 0 <= est["4-bit nf4, double quant"] - report["total_bytes"] <= 24 * 14
+    nodq = fastq.convert(src, tmp_path / "nodq", bnb("nf4"), progress=False)
+    assert est["4-bit nf4"] == sum(v.nbytes for v in tensors(nodq).values())
+    r = subprocess.run([sys.executable, "-m", "fastq", "convert", src, dst, "--load-in-8bit"], check=False, capture_output=True, text=True)
+    assert r.returncode == 1 and "exists" in r.stderr and "Traceback" not in r.stderr
