@@ -38,14 +38,20 @@ pub fn has_avx2() -> bool {
 }
 
 /// True when the AVX-512 kernels can run on this CPU (F, BW and VL on top of what AVX2 needs). On
-/// such CPUs `Kernel::Auto` uses them in place of the AVX2 ones.
+/// such CPUs `Kernel::Auto` uses them in place of the AVX2 ones, unless the environment variable
+/// `FASTQ_DISABLE_AVX512` is set to anything but "" or "0" when first asked (to test or time the AVX2
+/// kernels on an AVX-512 machine).
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        has_avx2()
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl")
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            has_avx2()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::env::var_os("FASTQ_DISABLE_AVX512").is_none_or(|v| v.is_empty() || v == "0")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
