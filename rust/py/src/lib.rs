@@ -7,6 +7,12 @@
 
 use pyo3::prelude::*;
 
+// mimalloc keeps freed pages for reuse: without it every large output buffer was a fresh mmap, and
+// the page faults and munmap TLB shootdowns across all worker threads dominated a cold run (13 s
+// instead of 1.6 s for a 7B checkpoint on a 16-core VM; benches/gpu/profile_load.py).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod buffer;
 mod checkpoint;
 mod convert;
