@@ -6,8 +6,9 @@
 //! - `run`: the conversion itself: results of the quantization pipeline are written where they belong
 //!   as they arrive, unquantized tensors are copied (and cast) beside them, progress is reported and
 //!   the run can be cancelled;
-//! - `manifest`: `fastq-manifest.json`, the sha256 of each finished shard and the run's parameters,
-//!   so that a resumed run keeps the shards it can verify;
+//! - `manifest`: `fastq-manifest.json`, the checksum of each finished shard and the run's parameters,
+//!   so that a resumed run keeps the shards it can verify; `digest`: that checksum (SHA-256 over the
+//!   SHA-256s of 16 MiB chunks, taken while the shard is written);
 //! - `pyjson`: the `quant_state` JSON, byte for byte as bitsandbytes' `json.dumps` writes it;
 //! - `cast`: float casts as torch rounds them.
 //!
@@ -15,6 +16,7 @@
 //! sibling folder renamed into place) is the caller's part (`fastq.convert`).
 
 pub mod cast;
+pub mod digest;
 pub mod layout;
 pub mod manifest;
 pub mod pyjson;

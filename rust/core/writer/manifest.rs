@@ -1,25 +1,27 @@
 //! `fastq-manifest.json`: the conversion's parameters and, for every finished shard, its size and
-//! sha256. A shard is recorded only once it is complete, hashed and (optionally) synced, so a resumed
-//! run keeps exactly the shards the manifest vouches for after checking their bytes again.
+//! checksum (`digest`: SHA-256 of its chunks' SHA-256s). A shard is recorded only once it is complete,
+//! hashed and (optionally) synced, so a resumed run keeps exactly the shards the manifest vouches for
+//! after checking their bytes again.
 //!
-//! Hashing runs on its own thread and follows each shard's written prefix (`Hasher::extend`), so a
-//! shard's checksum is ready almost as soon as its last tensor is written.
+//! Hashing runs on its own thread: the writer hands it each 16 MiB chunk as soon as the chunk's bytes
+//! are all written (`Hasher::chunk`), so a shard's checksum is ready almost as soon as its last tensor
+//! is written.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Sender};
 use std::thread::JoinHandle;
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{Error, Result};
+
+use super::digest::{chunk_digest, combine, file_checksum, CHUNK};
 
 /// The manifest's file name, in the output folder.
 pub const MANIFEST_NAME: &str = "fastq-manifest.json";
 const FORMAT: &str = "fastq-manifest/1";
+/// How `ShardRecord::digest` is computed (see `digest`).
+pub const DIGEST: &str = "sha256 of the sha256 of each 16 MiB chunk";
 
 /// A finished shard.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,8 +30,8 @@ pub struct ShardRecord {
     pub size: u64,
     /// Bytes of tensor data (the shard's share of the index's `total_size`).
     pub data_size: u64,
-    /// Lowercase hex sha256 of the whole file.
-    pub sha256: String,
+    /// Lowercase hex SHA-256 of the SHA-256 digests of the file's 16 MiB chunks (`digest` module).
+    pub digest: String,
 }
 
 /// The manifest's contents.
@@ -37,6 +39,8 @@ pub struct ShardRecord {
 pub struct Manifest {
     pub format: String,
     pub fastq_version: String,
+    /// `DIGEST`.
+    pub digest: String,
     /// The caller's conversion parameters (source, quantization config, dtype, shard size...).
     pub params: serde_json::Value,
     /// `Layout::fingerprint`.
@@ -50,6 +54,7 @@ impl Manifest {
         Manifest {
             format: FORMAT.into(),
             fastq_version: env!("CARGO_PKG_VERSION").into(),
+            digest: DIGEST.into(),
             params,
             layout,
             shards: BTreeMap::new(),
@@ -79,7 +84,7 @@ impl Manifest {
                 path.display()
             ))
         };
-        if m.format != FORMAT {
+        if m.format != FORMAT || m.digest != DIGEST {
             return Err(differs("manifest format"));
         }
         if &m.params != params {
@@ -101,25 +106,10 @@ impl Manifest {
     }
 }
 
-/// sha256 of a whole file, in lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
-
 /// Whether `path` is the shard `record` describes (size, then checksum).
 pub fn verify(path: &Path, record: &ShardRecord) -> Result<bool> {
     match std::fs::metadata(path) {
-        Ok(m) if m.len() == record.size => Ok(sha256_file(path)? == record.sha256),
+        Ok(m) if m.len() == record.size => Ok(file_checksum(path)? == record.digest),
         Ok(_) => Ok(false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::io(path, e)),
@@ -127,37 +117,22 @@ pub fn verify(path: &Path, record: &ShardRecord) -> Result<bool> {
 }
 
 enum Msg {
-    /// Bytes `..upto` of shard `shard` are final.
-    Extend { shard: usize, upto: u64 },
-    /// Shard `shard` is complete; record it.
+    /// Bytes `start..end` of shard `shard` (its chunk `index`) are final: hash them.
+    Chunk {
+        shard: usize,
+        index: usize,
+        start: u64,
+        end: u64,
+    },
+    /// Shard `shard` is complete (all its `chunks` were sent); record it.
     Finish {
         shard: usize,
         name: String,
         file: File,
         size: u64,
         data_size: u64,
+        chunks: usize,
     },
-}
-
-struct Running {
-    path: PathBuf,
-    reader: File,
-    hash: Sha256,
-    done: u64,
-}
-
-impl Running {
-    fn advance(&mut self, upto: u64, buf: &mut [u8]) -> Result<()> {
-        while self.done < upto {
-            let n = (upto - self.done).min(buf.len() as u64) as usize;
-            self.reader
-                .read_exact_at(&mut buf[..n], self.done)
-                .map_err(|e| Error::io(&self.path, e))?;
-            self.hash.update(&buf[..n]);
-            self.done += n as u64;
-        }
-        Ok(())
-    }
 }
 
 /// The hashing and recording thread.
@@ -180,27 +155,29 @@ impl Hasher {
             .name("fastq-hash".into())
             .spawn(move || -> Result<Manifest> {
                 let mut manifest = manifest;
-                let mut running: BTreeMap<usize, Running> = BTreeMap::new();
-                let mut buf = vec![0u8; 4 << 20];
-                let open = |shard: usize, running: &mut BTreeMap<usize, Running>| -> Result<()> {
-                    if let std::collections::btree_map::Entry::Vacant(v) = running.entry(shard) {
-                        let path = paths[shard].clone();
-                        let reader = File::open(&path).map_err(|e| Error::io(&path, e))?;
-                        v.insert(Running {
-                            path,
-                            reader,
-                            hash: Sha256::new(),
-                            done: 0,
-                        });
-                    }
-                    Ok(())
-                };
+                let mut readers: BTreeMap<usize, File> = BTreeMap::new();
+                let mut digests: BTreeMap<usize, Vec<Option<[u8; 32]>>> = BTreeMap::new();
+                let mut buf = Vec::with_capacity(CHUNK as usize);
                 for msg in rx {
                     match msg {
-                        Msg::Extend { shard, upto } => {
-                            open(shard, &mut running)?;
-                            let r = running.get_mut(&shard).expect("opened");
-                            r.advance(upto, &mut buf)?;
+                        Msg::Chunk {
+                            shard,
+                            index,
+                            start,
+                            end,
+                        } => {
+                            let path = &paths[shard];
+                            if let std::collections::btree_map::Entry::Vacant(v) =
+                                readers.entry(shard)
+                            {
+                                v.insert(File::open(path).map_err(|e| Error::io(path, e))?);
+                            }
+                            let d = chunk_digest(&readers[&shard], path, start, end, &mut buf)?;
+                            let v = digests.entry(shard).or_default();
+                            if v.len() <= index {
+                                v.resize(index + 1, None);
+                            }
+                            v[index] = Some(d);
                         }
                         Msg::Finish {
                             shard,
@@ -208,22 +185,28 @@ impl Hasher {
                             file,
                             size,
                             data_size,
+                            chunks,
                         } => {
-                            open(shard, &mut running)?;
-                            let mut r = running.remove(&shard).expect("opened");
-                            r.advance(size, &mut buf)?;
+                            readers.remove(&shard);
+                            let v = digests.remove(&shard).unwrap_or_default();
+                            let all: Option<Vec<[u8; 32]>> =
+                                (0..chunks).map(|k| v.get(k).copied().flatten()).collect();
+                            let path = &paths[shard];
+                            let all = all.ok_or_else(|| {
+                                Error::InvalidArgument(format!(
+                                    "{}: a chunk was not hashed before the shard closed",
+                                    path.display()
+                                ))
+                            })?;
                             if fsync {
-                                file.sync_all().map_err(|e| Error::io(&r.path, e))?;
+                                file.sync_all().map_err(|e| Error::io(path, e))?;
                             }
-                            let sha256 = format!("{:x}", r.hash.finalize());
-                            manifest.shards.insert(
-                                name,
-                                ShardRecord {
-                                    size,
-                                    data_size,
-                                    sha256,
-                                },
-                            );
+                            let record = ShardRecord {
+                                size,
+                                data_size,
+                                digest: combine(&all),
+                            };
+                            manifest.shards.insert(name, record);
                             manifest.save(&dir)?;
                         }
                     }
@@ -237,15 +220,28 @@ impl Hasher {
         })
     }
 
-    /// Bytes `..upto` of shard `shard` are written and will not change.
-    pub fn extend(&self, shard: usize, upto: u64) {
+    /// Chunk `index` (bytes `start..end`) of shard `shard` is written and will not change.
+    pub fn chunk(&self, shard: usize, index: usize, start: u64, end: u64) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Msg::Extend { shard, upto });
+            let _ = tx.send(Msg::Chunk {
+                shard,
+                index,
+                start,
+                end,
+            });
         }
     }
 
-    /// Shard `shard` is complete (`size` bytes): hash the rest, sync, record it.
-    pub fn finish(&self, shard: usize, name: String, file: File, size: u64, data_size: u64) {
+    /// Shard `shard` is complete (`size` bytes, all `chunks` sent): sync it and record it.
+    pub fn finish(
+        &self,
+        shard: usize,
+        name: String,
+        file: File,
+        size: u64,
+        data_size: u64,
+        chunks: usize,
+    ) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Msg::Finish {
                 shard,
@@ -253,6 +249,7 @@ impl Hasher {
                 file,
                 size,
                 data_size,
+                chunks,
             });
         }
     }

@@ -24,6 +24,7 @@ use crate::pipeline::{self, transpose_bytes, Job};
 use crate::quant::dynamic_map;
 
 use super::cast::{cast_into, Cast};
+use super::digest::{ChunkTracker, CHUNK};
 use super::layout::{header_json, Content, Layout, Part, ShardPlan};
 use super::manifest::{verify, Hasher, Manifest, MANIFEST_NAME};
 use super::pyjson::quant_state_json;
@@ -75,7 +76,8 @@ pub struct ShardSummary {
     pub tensors: Vec<String>,
     pub file_size: u64,
     pub data_size: u64,
-    pub sha256: String,
+    /// The manifest's checksum (`digest`).
+    pub digest: String,
     /// Kept from a previous run.
     pub resumed: bool,
 }
@@ -156,7 +158,7 @@ pub fn convert(
                 .collect(),
             file_size: r.size,
             data_size: r.data_size,
-            sha256: r.sha256.clone(),
+            digest: r.digest.clone(),
             resumed: kept.contains(&i),
         });
     }
@@ -175,10 +177,14 @@ enum ShardState {
 struct OpenShard {
     file: File,
     path: PathBuf,
-    /// Written flags in file order, the first unwritten position, and tensors left.
-    written: Vec<bool>,
-    next: usize,
+    /// Tensors left to write.
     left: usize,
+    /// Which 16 MiB chunks are complete (to hash them as soon as they are).
+    chunks: ChunkTracker,
+    /// The file's size (for a shard with inexact tensors, a bound until it closes).
+    size: u64,
+    /// Where inexact tensors start (data offset), if the shard has any.
+    tail_start: Option<u64>,
     /// The JSON of inexact tensors (double-quantized `quant_state`), kept until the shard ends.
     tail: Vec<Option<Vec<u8>>>,
 }
@@ -371,20 +377,42 @@ impl<'a> Run<'a> {
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         let n = plan.order.len();
-        if plan.exact {
-            let header = self.header(plan, &[]);
-            file.write_all_at(&header, 0)
-                .map_err(|e| Error::io(&path, e))?;
-            hasher.extend(s, header.len() as u64);
+        let ds = plan.data_start();
+        let size = ds + plan.offsets.last().map_or(0, |o| o.1);
+        let mut chunks = ChunkTracker::new(size);
+        chunks.expect(0, ds);
+        let tail_start = plan
+            .order
+            .iter()
+            .position(|&t| !self.layout.tensors[t].exact)
+            .map(|p| plan.offsets[p].0);
+        for (&t, &(a, b)) in plan.order.iter().zip(&plan.offsets) {
+            if self.layout.tensors[t].exact {
+                chunks.expect(ds + a, ds + b);
+            }
         }
-        self.shards[s] = ShardState::Open(OpenShard {
+        if let Some(a) = tail_start {
+            chunks.expect(ds + a, size); // written when the shard closes
+        }
+        let mut shard = OpenShard {
             file,
             path,
-            written: vec![false; n],
-            next: 0,
             left: n,
+            chunks,
+            size,
+            tail_start,
             tail: vec![None; n],
-        });
+        };
+        if plan.exact {
+            let header = self.header(plan, &[]);
+            shard
+                .file
+                .write_all_at(&header, 0)
+                .map_err(|e| Error::io(&shard.path, e))?;
+            send_chunks(hasher, s, &shard, shard.chunks.clone().written(0, ds));
+            shard.chunks.written(0, ds);
+        }
+        self.shards[s] = ShardState::Open(shard);
         if n == 0 {
             self.close(s, hasher)?;
         }
@@ -465,15 +493,15 @@ impl<'a> Run<'a> {
     fn mark(&mut self, s: usize, pos: usize, hasher: &Hasher) -> Result<()> {
         let layout = self.layout;
         let plan = &layout.shards[s];
+        let exact = layout.tensors[plan.order[pos]].exact;
         let shard = self.open_shard(s);
-        shard.written[pos] = true;
         shard.left -= 1;
-        let before = shard.next;
-        while shard.next < shard.written.len() && shard.written[shard.next] {
-            shard.next += 1;
-        }
-        if plan.exact && shard.next > before {
-            hasher.extend(s, plan.data_start() + plan.offsets[shard.next - 1].1);
+        if exact {
+            let (a, b) = plan.offsets[pos];
+            let done = shard
+                .chunks
+                .written(plan.data_start() + a, plan.data_start() + b);
+            send_chunks(hasher, s, shard, done);
         }
         if shard.left == 0 {
             self.close(s, hasher)?;
@@ -489,6 +517,8 @@ impl<'a> Run<'a> {
         else {
             unreachable!("only an open shard closes")
         };
+        let mut shard = shard;
+        let ds = plan.data_start();
         let mut end = plan.offsets.last().map_or(0, |o| o.1);
         if !plan.exact {
             let header = self.header(plan, &shard.tail);
@@ -496,23 +526,29 @@ impl<'a> Run<'a> {
                 .file
                 .write_all_at(&header, 0)
                 .map_err(|e| Error::io(&shard.path, e))?;
-            let first_tail = plan.order.iter().position(|&t| !layout.tensors[t].exact);
-            let mut at = first_tail.map_or(end, |p| plan.offsets[p].0);
+            let mut at = shard.tail_start.unwrap_or(end);
             for bytes in shard.tail.iter().flatten() {
                 shard
                     .file
-                    .write_all_at(bytes, plan.data_start() + at)
+                    .write_all_at(bytes, ds + at)
                     .map_err(|e| Error::io(&shard.path, e))?;
                 at += bytes.len() as u64;
             }
             end = at;
+            let mut done = shard.chunks.written(0, ds);
+            if let Some(a) = shard.tail_start {
+                done.extend(shard.chunks.written(ds + a, shard.size));
+            }
+            shard.size = ds + end;
+            send_chunks(hasher, s, &shard, done);
         }
-        let size = plan.data_start() + end;
+        let size = ds + end;
         shard
             .file
             .set_len(size)
             .map_err(|e| Error::io(&shard.path, e))?;
-        hasher.finish(s, plan.name.clone(), shard.file, size, end);
+        let chunks = size.div_ceil(CHUNK) as usize;
+        hasher.finish(s, plan.name.clone(), shard.file, size, end, chunks);
         self.state.shards_done += 1;
         Ok(())
     }
@@ -677,6 +713,17 @@ impl<'a> Run<'a> {
             self.state.bytes_done += tensor.input_bytes;
         }
         self.put(t, bytes, hasher)
+    }
+}
+
+/// Hands the complete chunks `done` of shard `s` to the hasher (those inside the file: a shard with
+/// inexact tensors ends up shorter than its bound).
+fn send_chunks(hasher: &Hasher, s: usize, shard: &OpenShard, done: Vec<usize>) {
+    for k in done {
+        let start = k as u64 * CHUNK;
+        if start < shard.size || (k == 0 && shard.size == 0) {
+            hasher.chunk(s, k, start, ((k as u64 + 1) * CHUNK).min(shard.size));
+        }
     }
 }
 
