@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-__all__ = ["build_parser", "inspect_checkpoint", "main"]
+__all__ = ["build_parser", "inspect_checkpoint", "main", "shard_digest"]
 
 
 def _bool_pair(group, name: str, dest: str, help: str) -> None:
@@ -174,20 +174,22 @@ def inspect_checkpoint(path: str | os.PathLike, *, estimate: bool = True, verify
     return report
 
 
-def _verify(folder: Path, manifest: dict) -> dict[str, bool]:
+def shard_digest(path: Path) -> str:
+    """The manifest's checksum of a file: SHA-256 of the SHA-256 digests of its 16 MiB chunks."""
     import hashlib
 
+    outer = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            outer.update(hashlib.sha256(chunk).digest())
+    return outer.hexdigest()
+
+
+def _verify(folder: Path, manifest: dict) -> dict[str, bool]:
     out = {}
     for name, rec in manifest.get("shards", {}).items():
         f = folder / name
-        ok = f.is_file() and f.stat().st_size == rec["size"]
-        if ok:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                while chunk := fh.read(8 << 20):
-                    h.update(chunk)
-            ok = h.hexdigest() == rec["sha256"]
-        out[name] = ok
+        out[name] = f.is_file() and f.stat().st_size == rec["size"] and shard_digest(f) == rec["digest"]
     return out
 
 

@@ -6,8 +6,9 @@ code as ``fastq.load`` (``loader.prepare``), so exactly the tensors ``load`` qua
 Rust writer streams the quantization results into sharded safetensors with the GIL released.
 
 Atomic and resumable: everything is written into ``.<DST>.fastq-tmp`` beside DST and renamed into place
-only when complete; ``fastq-manifest.json`` there records each finished shard's sha256, and ``resume=True``
-keeps the shards that still match it.
+only when complete; ``fastq-manifest.json`` there records each finished shard's checksum (SHA-256 of the
+SHA-256s of its 16 MiB chunks, ``fastq.cli.shard_digest``), and ``resume=True`` keeps the shards that still
+match it.
 """
 
 from __future__ import annotations
@@ -346,8 +347,8 @@ def convert(
             a dict.
         max_shard_size: largest shard, as ``save_pretrained``'s (``"5GB"``, ``"500MB"`` or bytes).
         threads: quantization threads (default: ``FASTQ_NUM_THREADS`` or every core).
-        resume: continue an interrupted conversion into the same ``dst``, keeping the shards whose sha256
-            still matches the manifest.
+        resume: continue an interrupted conversion into the same ``dst``, keeping the shards whose
+            checksum still matches the manifest.
         progress: show a progress bar (bytes read, rate, time left).
         dtype: dtype of the unquantized tensors and of the weights before quantization (default: the
             config's, as ``from_pretrained`` picks on transformers 5).

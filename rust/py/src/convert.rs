@@ -145,7 +145,7 @@ pub fn plan_layout<'py>(
 /// shards_done, shards_total, shards_resumed)` is called at most every `interval` seconds and once at
 /// the end; an exception it raises (KeyboardInterrupt from Ctrl-C included) stops the run and is
 /// raised here, after the complete shards are recorded. Returns {"shards": [{"name", "tensors",
-/// "file_size", "data_size", "sha256", "resumed"}], "total_size"}.
+/// "file_size", "data_size", "digest", "resumed"}], "total_size"}.
 #[pyfunction]
 #[pyo3(signature = (src, out_dir, jobs, outputs, max_shard_size, params_json, resume=false, fsync=true, threads=None, progress=None, interval=0.2))]
 #[allow(clippy::too_many_arguments)]
@@ -220,7 +220,7 @@ pub fn convert<'py>(
         sd.set_item("tensors", s.tensors)?;
         sd.set_item("file_size", s.file_size)?;
         sd.set_item("data_size", s.data_size)?;
-        sd.set_item("sha256", s.sha256)?;
+        sd.set_item("digest", s.digest)?;
         sd.set_item("resumed", s.resumed)?;
         shards.append(sd)?;
     }
