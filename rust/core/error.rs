@@ -108,6 +108,22 @@ impl Error {
         }
     }
 
+    /// Shifts the element index of a `NonFinite` error raised on a chunk that starts at element `by`.
+    pub fn offset_index(self, by: usize) -> Self {
+        match self {
+            Error::NonFinite {
+                path,
+                tensor,
+                index,
+            } => Error::NonFinite {
+                path,
+                tensor,
+                index: index + by,
+            },
+            e => e,
+        }
+    }
+
     /// Fills in the file and tensor of an error raised by a kernel that knew neither.
     pub fn at(self, path: &std::path::Path, tensor: &str) -> Self {
         match self {

@@ -165,7 +165,7 @@ pub fn quantize_source<S: ChunkSource>(
                             Out4 { codes, absmax },
                         )
                     })
-                    .map_err(|e| shift_index(e, start))
+                    .map_err(|e| e.offset_index(start))
                 })?;
             let nested = double_quant.then(|| quantize_nested(&absmax));
             if nested.is_some() {
@@ -199,7 +199,7 @@ pub fn quantize_source<S: ChunkSource>(
                     x.with_chunk(start, start + cb.len(), |chunk| {
                         quantize_int8_into(chunk, cols, kernel, cb, scb)
                     })
-                    .map_err(|e| shift_index(e, start))
+                    .map_err(|e| e.offset_index(start))
                 })?;
             Ok(Packed::Int8(PackedInt8 {
                 cb,
@@ -215,21 +215,6 @@ fn bad_shape(reason: String) -> Error {
         path: Default::default(),
         tensor: String::new(),
         reason,
-    }
-}
-
-fn shift_index(e: Error, by: usize) -> Error {
-    match e {
-        Error::NonFinite {
-            path,
-            tensor,
-            index,
-        } => Error::NonFinite {
-            path,
-            tensor,
-            index: index + by,
-        },
-        e => e,
     }
 }
 

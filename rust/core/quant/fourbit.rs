@@ -164,7 +164,7 @@ pub fn quantize_4bit_into(
         // The tail block (fewer than `blocksize` elements) always goes through the scalar path: it is
         // scaled by division, as bitsandbytes does.
         scalar_blocks(x.slice(full, n), qt, blocksize, codes_tail, absmax_tail)
-            .map_err(|e| shift(e, full))?;
+            .map_err(|e| e.offset_index(full))?;
     }
     Ok(())
 }
@@ -176,21 +176,6 @@ pub fn quantize_4bit_reference(
     blocksize: usize,
 ) -> Result<(Vec<u8>, Vec<f32>)> {
     quantize_4bit(x, qt, blocksize, Kernel::Scalar)
-}
-
-fn shift(e: Error, by: usize) -> Error {
-    match e {
-        Error::NonFinite {
-            path,
-            tensor,
-            index,
-        } => Error::NonFinite {
-            path,
-            tensor,
-            index: index + by,
-        },
-        e => e,
-    }
 }
 
 /// Bucket of a scaled value: the number of bounds strictly below it (`torch.bucketize`, right=False).
