@@ -405,6 +405,136 @@ pub(crate) unsafe fn quantize_int8_rows_avx2(
     Ok(())
 }
 
+/// AVX2 `double::quantize_blockwise_dynamic` (the nested 8-bit quantization of the 4-bit absmax):
+/// the CUDA kernel's 7-step binary search of the sorted 256-entry map, 8 values at a time without
+/// branches. The first four steps read the map at their (at most 16) pivots from registers by
+/// blends and permutes; the last three gather.
+///
+/// # Safety
+/// The CPU must support avx2, f16c and fma.
+#[allow(dead_code)] // Not called yet: `double::quantize_blockwise_dynamic` is to dispatch here.
+#[target_feature(enable = "avx2,f16c,fma")]
+pub(crate) unsafe fn quantize_blockwise_dynamic_avx2(
+    x: &[f32],
+    codes: &mut [u8],
+    absmax: &mut [f32],
+) {
+    use super::double::{dynamic_map, NESTED_BLOCKSIZE};
+    debug_assert_eq!(codes.len(), x.len());
+    debug_assert_eq!(absmax.len(), x.len().div_ceil(NESTED_BLOCKSIZE));
+    let map = dynamic_map();
+    // Pivots after steps 32, 16, 8: 64 * k + 31, 32 * k + 15, 16 * k + 7.
+    let level = |first: usize, stride: usize| -> [f32; 16] {
+        std::array::from_fn(|k| map[(first + stride * k).min(255)])
+    };
+    let (l2, l3, l4) = (level(31, 64), level(15, 32), level(7, 16));
+    let t = DynTables8 {
+        after64: [_mm256_set1_ps(map[63]), _mm256_set1_ps(map[191])],
+        after32: _mm256_loadu_ps(l2.as_ptr()),
+        after16: _mm256_loadu_ps(l3.as_ptr()),
+        after8: [
+            _mm256_loadu_ps(l4.as_ptr()),
+            _mm256_loadu_ps(l4.as_ptr().add(8)),
+        ],
+    };
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for ((block, out), am_out) in x
+        .chunks(NESTED_BLOCKSIZE)
+        .zip(codes.chunks_mut(NESTED_BLOCKSIZE))
+        .zip(absmax.iter_mut())
+    {
+        let len = block.len();
+        // Lanes below `len - i` of group i (sign bit set), for masked loads of a short block.
+        let mask = |i: usize| -> __m256i {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_cmpgt_epi32(_mm256_set1_epi32((len - i).min(8) as i32), lanes)
+        };
+        // The kernel's reduction starts at -FLT_MAX; zeros in masked-off lanes change nothing because
+        // the maximum of |x| is at least 0. maxps returns its second operand when either is NaN: NaN
+        // is skipped, like f32::max.
+        let mut vmax = _mm256_setzero_ps();
+        for i in (0..len).step_by(8) {
+            // SAFETY: only lanes below `len` are read.
+            let v = _mm256_maskload_ps(block.as_ptr().add(i), mask(i));
+            vmax = _mm256_max_ps(_mm256_and_ps(v, abs_mask), vmax);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+        let am = lanes.iter().fold(f32::MIN, |m, &v| m.max(v));
+        *am_out = am;
+        let inv = _mm256_set1_ps(1.0f32 / am);
+        for i in (0..len).step_by(8) {
+            // SAFETY: only lanes below `len` are read.
+            let v = _mm256_mul_ps(_mm256_maskload_ps(block.as_ptr().add(i), mask(i)), inv);
+            let mut q = [0i32; 8];
+            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, dquantize8(&map, v, &t));
+            for (o, &c) in out[i..].iter_mut().zip(&q) {
+                *o = c as u8;
+            }
+        }
+    }
+}
+
+/// The map at the pivots of the first four search steps, in registers.
+struct DynTables8 {
+    after64: [__m256; 2],
+    after32: __m256,
+    after16: __m256,
+    after8: [__m256; 2],
+}
+
+/// `double::cuda_dquantize` on 8 lanes (see there).
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+unsafe fn dquantize8(map: &[f32; 256], x: __m256, t: &DynTables8) -> __m256i {
+    let mut pivot = _mm256_set1_epi32(127);
+    let mut lower_pivot = _mm256_setzero_si256();
+    let mut upper_pivot = _mm256_set1_epi32(255);
+    let mut lower = _mm256_set1_ps(-1.0);
+    let mut upper = _mm256_set1_ps(1.0);
+    let mut val = _mm256_set1_ps(map[127]);
+    for (s, step) in [64, 32, 16, 8, 4, 2, 1].into_iter().enumerate() {
+        // `x > val` is false for NaN, as in the kernel; all-ones lanes where it holds.
+        let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(x, val);
+        let gti = _mm256_castps_si256(gt);
+        lower_pivot = _mm256_blendv_epi8(lower_pivot, pivot, gti);
+        lower = _mm256_blendv_ps(lower, val, gt);
+        upper_pivot = _mm256_blendv_epi8(pivot, upper_pivot, gti);
+        upper = _mm256_blendv_ps(val, upper, gt);
+        // pivot - step, plus 2 * step where x > val.
+        pivot = _mm256_add_epi32(
+            _mm256_sub_epi32(pivot, _mm256_set1_epi32(step)),
+            _mm256_and_si256(gti, _mm256_set1_epi32(2 * step)),
+        );
+        val = match s {
+            0 => _mm256_blendv_ps(t.after64[0], t.after64[1], gt),
+            1 => _mm256_permutevar8x32_ps(t.after32, _mm256_srli_epi32::<6>(pivot)),
+            2 => _mm256_permutevar8x32_ps(t.after16, _mm256_srli_epi32::<5>(pivot)),
+            3 => {
+                // 16 pivots: permutes use the low 3 bits of pivot >> 4; bit 3 picks the half.
+                let k = _mm256_srli_epi32::<4>(pivot);
+                let lo = _mm256_permutevar8x32_ps(t.after8[0], k);
+                let hi = _mm256_permutevar8x32_ps(t.after8[1], k);
+                _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(k)))
+            }
+            // SAFETY: pivot stays within 0..=255.
+            _ => _mm256_i32gather_ps::<4>(map.as_ptr(), pivot),
+        };
+    }
+    let top = _mm256_castsi256_ps(_mm256_cmpeq_epi32(upper_pivot, _mm256_set1_epi32(255)));
+    upper = _mm256_blendv_ps(upper, _mm256_set1_ps(map[255]), top);
+    let bottom = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lower_pivot, _mm256_setzero_si256()));
+    lower = _mm256_blendv_ps(lower, _mm256_set1_ps(map[0]), bottom);
+    let half = _mm256_set1_ps(0.5);
+    let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(x, val);
+    let up = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_mul_ps(_mm256_add_ps(upper, val), half));
+    let down = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_mul_ps(_mm256_add_ps(lower, val), half));
+    let take_up = _mm256_castps_si256(_mm256_and_ps(gt, up));
+    let take_down = _mm256_castps_si256(_mm256_andnot_ps(gt, down));
+    let q = _mm256_blendv_epi8(pivot, upper_pivot, take_up);
+    _mm256_blendv_epi8(q, lower_pivot, take_down)
+}
+
 /// AVX-512 (F, BW, VL) kernels: 16 lanes a vector, absmax from the integer maximum of the |x| bit
 /// patterns, and the 4-bit bucket found by a 4-step binary search through permuted bound tables.
 pub(crate) mod avx512 {
@@ -1048,14 +1178,56 @@ mod tests {
         }
     }
 
+    type DynKernel = unsafe fn(&[f32], &mut [u8], &mut [f32]);
+
+    /// The nested-quantization kernels this CPU runs.
+    fn simd_dynamic() -> Vec<(&'static str, DynKernel)> {
+        let mut k: Vec<(&'static str, DynKernel)> = Vec::new();
+        if crate::quant::has_avx2() {
+            k.push(("avx2", quantize_blockwise_dynamic_avx2));
+        }
+        if crate::quant::has_avx512() {
+            k.push(("avx512", avx512::quantize_blockwise_dynamic));
+        }
+        k
+    }
+
+    /// The scalar reference of the nested quantization, block by block with `cuda_dquantize`
+    /// (`double::quantize_blockwise_dynamic` itself dispatches to the SIMD kernels).
+    fn dynamic_reference(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
+        let map = crate::quant::double::dynamic_map();
+        let mut codes = Vec::with_capacity(x.len());
+        let mut absmax = Vec::new();
+        for block in x.chunks(256) {
+            let am = block.iter().fold(f32::MIN, |m, v| m.max(v.abs()));
+            absmax.push(am);
+            let inv = 1.0f32 / am;
+            codes.extend(
+                block
+                    .iter()
+                    .map(|&v| crate::quant::double::cuda_dquantize(&map, v * inv)),
+            );
+        }
+        (codes, absmax)
+    }
+
+    fn check_dynamic(x: &[f32]) {
+        let want = dynamic_reference(x);
+        for (name, f) in simd_dynamic() {
+            let mut codes = vec![0u8; x.len()];
+            let mut absmax = vec![0f32; x.len().div_ceil(256)];
+            // SAFETY: `simd_dynamic` lists only kernels the CPU supports.
+            unsafe { f(x, &mut codes, &mut absmax) };
+            assert_eq!(absmax, want.1, "{name} n {}", x.len());
+            assert_eq!(codes, want.0, "{name} n {}", x.len());
+        }
+    }
+
     #[test]
     fn nested_dynamic_quantization_matches_scalar() {
-        if !crate::quant::has_avx512() {
-            return;
-        }
         let map = crate::quant::double::dynamic_map();
         let mut rng = SmallRng::seed_from_u64(11);
-        for n in [1, 15, 16, 17, 255, 256, 257, 1000, 5000] {
+        for n in [1, 7, 8, 9, 15, 16, 17, 255, 256, 257, 1000, 5000] {
             // Centered absmax values, plus exact map entries and midpoints scaled by the block
             // absmax (ties), and an all-zero block (0 * inf = NaN in the kernel).
             let mut x: Vec<f32> = (0..n).map(|_| rng.gen_range(-0.01f32..0.03)).collect();
@@ -1070,13 +1242,7 @@ mod tests {
             if n >= 512 {
                 x[256..512].fill(0.0);
             }
-            let want = crate::quant::double::quantize_blockwise_dynamic(&x);
-            let mut codes = vec![0u8; n];
-            let mut absmax = vec![0f32; n.div_ceil(256)];
-            // SAFETY: the CPU supports AVX-512 (checked above).
-            unsafe { avx512::quantize_blockwise_dynamic(&x, &mut codes, &mut absmax) };
-            assert_eq!(absmax, want.1, "n {n}");
-            assert_eq!(codes, want.0, "n {n}");
+            check_dynamic(&x);
         }
         // Every map entry and midpoint, and their float neighbours, in blocks whose absmax is 1 (so
         // they reach the search unscaled): the ties and the ends of the map (the bit pattern below
@@ -1098,12 +1264,9 @@ mod tests {
                 }
             }
         }
-        let want = crate::quant::double::quantize_blockwise_dynamic(&x);
-        let mut codes = vec![0u8; x.len()];
-        let mut absmax = vec![0f32; x.len().div_ceil(256)];
-        // SAFETY: the CPU supports AVX-512 (checked above).
-        unsafe { avx512::quantize_blockwise_dynamic(&x, &mut codes, &mut absmax) };
-        assert_eq!(absmax, want.1);
-        assert_eq!(codes, want.0);
+        check_dynamic(&x);
+        // Uniform over the whole map range.
+        let x: Vec<f32> = (0..100_000).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        check_dynamic(&x);
     }
 }
