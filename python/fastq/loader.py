@@ -247,6 +247,7 @@ def load(
     else:
         dtype = _resolve_dtype(dtype, qcfg, raw_config)
     ckpt = Checkpoint(src.weights)
+    caller_model = model is not None
     if model is None:
         if src.config_path is None:
             raise ConfigError(f"{src.path}: no config.json beside the weights; pass model= (an empty model)")
@@ -259,6 +260,13 @@ def load(
         mixed = {"cpu", "disk"} & set(dmap.values()) and set(dmap.values()) - {"cpu", "disk"}
         if offloaded and mixed and qcfg.llm_int8_enable_fp32_cpu_offload and not isinstance(device_map, dict):
             # A strategy put quantized modules on the CPU/disk: rebuild with them left unquantized.
+            if caller_model:
+                raise ConfigError(
+                    f"device_map={device_map!r} offloads quantized modules (e.g. '{offloaded[0]}') to the CPU or "
+                    "disk; with llm_int8_enable_fp32_cpu_offload they must stay unquantized, which needs the "
+                    "map before the modules are swapped: pass the resolved map as a dict "
+                    "(fastq.device_map.resolve on a fresh empty model gives it)"
+                )
             return load(
                 path, qcfg, dmap, model=None, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
                 trust_remote_code=trust_remote_code, progress=progress, threads=threads,
