@@ -17,10 +17,14 @@
 
 pub mod cast;
 pub mod digest;
+mod files;
 pub mod layout;
 pub mod manifest;
+mod parts;
 pub mod pyjson;
 pub mod run;
+#[cfg(test)]
+mod tests;
 
 pub use layout::{Content, Layout, Output, Part, QuantJob};
 pub use manifest::{Manifest, ShardRecord, MANIFEST_NAME};

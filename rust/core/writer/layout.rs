@@ -204,7 +204,7 @@ pub fn header_json(entries: &[HeaderEntry<'_>], min_len: usize) -> Vec<u8> {
     }
     s.push('}');
     let mut bytes = s.into_bytes();
-    while bytes.len() < min_len || bytes.len() % 8 != 0 {
+    while bytes.len() < min_len || !bytes.len().is_multiple_of(8) {
         bytes.push(b' ');
     }
     bytes

@@ -1,0 +1,200 @@
+//! Where each output tensor's bytes come from: a checkpoint tensor copied (transposed, cast) in
+//! chunks, a quantization result's buffers, or a weight quantized here because it needs a cast first.
+
+use std::os::unix::fs::FileExt;
+
+use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::dtype::FloatSlice;
+use crate::error::{Error, Result};
+use crate::pack::{quantize_source, Packed};
+use crate::pipeline::transpose_bytes;
+use crate::quant::dynamic_map;
+
+use super::cast::{cast_into, Cast};
+use super::layout::{Content, Part};
+use super::manifest::Hasher;
+use super::pyjson::quant_state_json;
+use super::run::Run;
+
+impl Run<'_> {
+    pub(super) fn write_plain(&mut self, t: usize, hasher: &Hasher) -> Result<()> {
+        let layout = self.layout;
+        match &layout.tensors[t].content {
+            Content::Inline { bytes, .. } => self.put(t, bytes, hasher),
+            Content::Copy {
+                source,
+                transpose,
+                cast,
+            } => {
+                let ckpt = self.ckpt.clone();
+                let info = ckpt.info(source)?;
+                let (transpose, cast) = (*transpose, *cast);
+                let input = info.nbytes() as u64;
+                if !transpose && cast.is_none() {
+                    self.copy_range(t, &ckpt, info, hasher)?;
+                } else {
+                    let mut bytes = if transpose {
+                        let b = transpose_bytes(
+                            ckpt.bytes(info),
+                            info.shape[0],
+                            info.shape[1],
+                            info.dtype.size(),
+                        );
+                        ckpt.release(info);
+                        b
+                    } else {
+                        self.read(&ckpt, info, 0, info.nbytes())?
+                    };
+                    if let Some(to) = cast.filter(|&to| to != info.dtype) {
+                        let x = FloatSlice::new(info.dtype, &bytes)
+                            .expect("float, checked by the layout");
+                        let mut out = Vec::new();
+                        cast_into(x, to, &mut out);
+                        bytes = out;
+                    }
+                    self.put(t, &bytes, hasher)?;
+                }
+                self.state.bytes_done += input;
+                Ok(())
+            }
+            Content::Quantized { .. } => unreachable!("quantized tensors come from their job"),
+        }
+    }
+
+    fn read(&self, ckpt: &Checkpoint, info: &TensorInfo, a: usize, b: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; b - a];
+        let shard = &ckpt.shards[info.shard];
+        shard
+            .file
+            .read_exact_at(&mut buf, (info.start + a) as u64)
+            .map_err(|e| Error::io(&shard.path, e))?;
+        Ok(buf)
+    }
+
+    /// Copies a tensor's bytes unchanged, a few MB at a time.
+    fn copy_range(
+        &mut self,
+        t: usize,
+        ckpt: &Checkpoint,
+        info: &TensorInfo,
+        hasher: &Hasher,
+    ) -> Result<()> {
+        const STEP: usize = 8 << 20;
+        let layout = self.layout;
+        let (s, pos) = self.place[t];
+        let plan = &layout.shards[s];
+        let at = plan.data_start() + plan.offsets[pos].0;
+        let src = &ckpt.shards[info.shard];
+        let mut buf = std::mem::take(&mut self.copy_buf);
+        buf.resize(STEP.min(info.nbytes()), 0);
+        let mut done = 0usize;
+        let result = (|| {
+            let shard = self.open_shard(s);
+            while done < info.nbytes() {
+                let n = STEP.min(info.nbytes() - done);
+                src.file
+                    .read_exact_at(&mut buf[..n], (info.start + done) as u64)
+                    .map_err(|e| Error::io(&src.path, e))?;
+                shard
+                    .file
+                    .write_all_at(&buf[..n], at + done as u64)
+                    .map_err(|e| Error::io(&shard.path, e))?;
+                done += n;
+            }
+            Ok(())
+        })();
+        self.copy_buf = buf;
+        result?;
+        self.mark(s, pos, hasher)
+    }
+
+    /// Quantizes a job that needs a cast, on this thread's behalf (the pipeline has no cast).
+    pub(super) fn quantize_here(&self, j: usize, pool: &rayon::ThreadPool) -> Result<Packed> {
+        let job = &self.layout.jobs[j];
+        let to = job.cast.expect("cast job");
+        let ckpt = &self.ckpt;
+        let info = ckpt.info(&job.source)?;
+        let path = ckpt.path_of(info);
+        let at = |e: Error| e.at(path, &job.source);
+        let kernel = self.opts.pipeline.kernel;
+        pool.install(|| {
+            if job.transpose {
+                let (rows, cols) = (info.shape[0], info.shape[1]);
+                let bytes = transpose_bytes(ckpt.bytes(info), rows, cols, info.dtype.size());
+                ckpt.release(info);
+                let x = FloatSlice::new(info.dtype, &bytes).expect("float source");
+                quantize_source(&Cast { inner: x, to }, &[cols, rows], to, job.spec, kernel)
+            } else {
+                let reader = ckpt.reader(info)?;
+                quantize_source(
+                    &Cast { inner: reader, to },
+                    &info.shape,
+                    to,
+                    job.spec,
+                    kernel,
+                )
+            }
+        })
+        .map_err(at)
+    }
+
+    pub(super) fn write_part(&mut self, t: usize, packed: &Packed, hasher: &Hasher) -> Result<()> {
+        let tensor = &self.layout.tensors[t];
+        let Content::Quantized { part, .. } = tensor.content else {
+            unreachable!("a part")
+        };
+        let json: Vec<u8>;
+        let (code, dmap) = (packed_code(packed), dynamic_map());
+        let bytes: &[u8] = match (packed, part) {
+            (Packed::FourBit(p), Part::Weight) => &p.codes,
+            (Packed::FourBit(p), Part::Absmax) => match &p.nested {
+                Some(n) => &n.codes,
+                None => f32_bytes(&p.absmax),
+            },
+            (Packed::FourBit(_), Part::QuantMap) => f32_bytes(&code),
+            (Packed::FourBit(p), Part::NestedAbsmax) => {
+                f32_bytes(&p.nested.as_ref().expect("double quant").absmax)
+            }
+            (Packed::FourBit(_), Part::NestedQuantMap) => f32_bytes(&dmap),
+            (Packed::FourBit(p), Part::QuantState) => {
+                let offset = p.nested.as_ref().map(|n| n.offset);
+                json = quant_state_json(p.quant_type, p.blocksize, p.dtype, &p.shape, offset)
+                    .into_bytes();
+                &json
+            }
+            (Packed::Int8(p), Part::Weight) => i8_bytes(&p.cb),
+            (Packed::Int8(p), Part::Scb) => f32_bytes(&p.scb),
+            (Packed::Int8(_), Part::WeightFormat) => &[0u8],
+            _ => unreachable!("parts checked by the layout"),
+        };
+        if part == Part::Weight {
+            self.state.bytes_done += tensor.input_bytes;
+        }
+        self.put(t, bytes, hasher)
+    }
+}
+
+/// The 16 code values of a 4-bit result (the saved `quant_map`).
+fn packed_code(p: &Packed) -> [f32; 16] {
+    match p {
+        Packed::FourBit(p) => p.quant_type.code(),
+        Packed::Int8(_) => [0.0; 16],
+    }
+}
+
+// safetensors is little-endian; so is every target fastq builds for (x86-64, aarch64).
+#[cfg(not(target_endian = "little"))]
+compile_error!("fastq's writer assumes a little-endian target");
+
+/// The bytes of f32s as safetensors stores them.
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every byte is initialized; u8 needs no alignment; the length
+    // covers exactly the slice; on a little-endian target the memory order is the file's.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// The bytes of i8s (the int8 weight): the same bits as u8.
+fn i8_bytes(v: &[i8]) -> &[u8] {
+    // SAFETY: i8 and u8 have the same size and alignment and every bit pattern is valid for both.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len()) }
+}
