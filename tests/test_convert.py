@@ -456,6 +456,35 @@ def test_nan_weight(tiny_model, tmp_path, name):
     assert_no_output(tmp_path / "out")
 
 
+def test_full_disk(tiny_model, tmp_path):
+    """A write that fails (here: the file-size limit, as a full disk would) is a FastqIOError naming the
+    shard; nothing that looks like a checkpoint is left."""
+    code = (
+        "import resource, signal, sys, fastq\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "try:\n"
+        "    fastq.convert(sys.argv[1], sys.argv[2], fastq.QuantConfig(load_in_8bit=True), progress=False)\n"
+        "except fastq.FastqIOError as e:\n"
+        "    print(type(e).__name__, e.path)\n"
+    )
+    dst = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", code, tiny_model("llama"), dst], check=False, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["FastqIOError", str(temp_folder(dst) / "model.safetensors")]
+    assert_no_output(dst)
+
+
+def test_parse_size():
+    from fastq.convert import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size(" 1.5 kb") == 1500
+    assert parse_size("2GiB") == 2 << 30 and parse_size(1234) == 1234 and parse_size("77") == 77
+    for bad in ("5 parsecs", "-1GB", "0", 0):
+        with pytest.raises(fastq.ConfigError):
+            parse_size(bad)
+
+
 # -- the command line -----------------------------------------------------------------------------------
 
 
