@@ -77,7 +77,8 @@ def ensure_checkpoint(path: Path) -> None:
     tensors = llama_tensors()
     sizes = [sum(_numel(s) * 2 for i, _, s in tensors if i == k) for k in range(SHARDS)]
     shards_ok = all(
-        (path / shard_name(k)).is_file() and (path / shard_name(k)).stat().st_size > sizes[k] for k in range(SHARDS)
+        (path / shard_name(k)).is_file() and (path / shard_name(k)).stat().st_size > sizes[k]
+        for k in range(SHARDS)
     )
     if (path / INDEX).is_file() and shards_ok:
         return
@@ -125,17 +126,24 @@ def _rss_kb() -> int:
 def child(path: Path, threads: int | None, spec_name: str) -> dict:
     """One run in this (fresh) process; returns the measurements."""
     import bitsandbytes.functional  # noqa: F401  (imported by fastq on the first result; count it in the baseline)
+    import fastq
     import torch  # noqa: F401
 
-    import fastq
-
-    spec = fastq.SPEC_INT8 if spec_name == "int8" else fastq.Spec4bit(spec_name.split("-")[0], 64, spec_name.endswith("-dq"))
+    spec = (
+        fastq.SPEC_INT8
+        if spec_name == "int8"
+        else fastq.Spec4bit(spec_name.split("-")[0], 64, spec_name.endswith("-dq"))
+    )
     base_rss = _rss_kb()
     base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     ckpt = fastq.open(path)
     t_open = time.perf_counter() - t0
-    jobs = [(m.name, spec) for m in map(ckpt.meta, ckpt.keys()) if len(m.shape) == 2 and m.name.endswith("proj.weight")]
+    jobs = [
+        (m.name, spec)
+        for m in map(ckpt.meta, ckpt.keys())
+        if len(m.shape) == 2 and m.name.endswith("proj.weight")
+    ]
     in_bytes = sum(ckpt.meta(n).nbytes for n, _ in jobs)
     out_bytes = 0
     for _name, (a, b) in ckpt.quantize(jobs, threads=threads):
