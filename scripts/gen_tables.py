@@ -5,8 +5,8 @@
 tests/test_tables.py checks that the committed tables still equal what bitsandbytes computes.
 """
 
-import torch
 import bitsandbytes.functional as F
+import torch
 from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 
 
@@ -24,9 +24,9 @@ for qt in ("nf4", "fp4"):
     up = qt.upper()
     print(f"/// `get_4bit_type(\"{qt}\")`: the value of each 4-bit code (also the saved `quant_map`).")
     print(f"pub const {up}_CODE_BITS: [u32; 16] = [{bits(code)}];")
-    print(f"/// Midpoints between the sorted code values (`bucketize` bounds of the CPU kernel).")
+    print("/// Midpoints between the sorted code values (`bucketize` bounds of the CPU kernel).")
     print(f"pub const {up}_BOUND_BITS: [u32; 15] = [{bits(bounds)}];")
-    print(f"/// Code index of each sorted position.")
+    print("/// Code index of each sorted position.")
     print(f"pub const {up}_ORDER: [u8; 16] = [{', '.join(str(i) for i in order.tolist())}];")
     print()
 dyn = F.create_dynamic_map(signed=True)

@@ -18,11 +18,10 @@ and for each weight j (4-bit and int8 written by the CUDA kernels, for the recor
 import json
 import sys
 
-import torch
-from safetensors.torch import save_file
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
+import torch
+from safetensors.torch import save_file
 
 
 def main(out_dir: str) -> None:

@@ -14,9 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 import fastq
+import torch
 
 
 def pread_bw(files, threads=16, chunk=8 << 20):
@@ -50,7 +49,7 @@ def main(path):
     files = sorted(str(p) for p in Path(path).glob("*.safetensors"))
     print(f"pread 16 threads: {pread_bw(files):.1f} GB/s; 1 thread: {pread_bw(files, 1):.1f} GB/s", flush=True)
     ck = fastq.open(path)
-    names = [k for k in ck.keys() if k.endswith("proj.weight")]
+    names = [k for k in ck if k.endswith("proj.weight")]
     nb = sum(ck.meta(k).nbytes for k in names)
     spec = fastq.Spec4bit("nf4", 64, True)
     for label, to_gpu in (("pipeline", False), ("pipeline+H2D", True)):

@@ -9,25 +9,46 @@ from ._fastq import __version__
 from .checkpoint import SPEC_INT8, Checkpoint, Spec4bit, TensorMeta, open
 from .config import QuantConfig
 from .convert import ConversionLockedError, OutputExistsError, convert
-from .errors import *  # noqa: F403
-from .errors import __all__ as _errors_all
+from .errors import (
+    ConfigError,
+    FastqError,
+    FastqIOError,
+    HeaderError,
+    InvalidArgumentError,
+    MissingFileError,
+    NonFiniteError,
+    ShapeError,
+    TruncatedShardError,
+    UnknownTensorError,
+    UnsupportedDtypeError,
+)
 from .loader import load, load_and_quantize_model
 from .save import save
 
 __all__ = [
+    "SPEC_INT8",
+    "Checkpoint",
+    "ConfigError",
+    "ConversionLockedError",
+    "FastqError",
+    "FastqIOError",
+    "HeaderError",
+    "InvalidArgumentError",
+    "MissingFileError",
+    "NonFiniteError",
+    "OutputExistsError",
+    "QuantConfig",
+    "ShapeError",
+    "Spec4bit",
+    "TensorMeta",
+    "TruncatedShardError",
+    "UnknownTensorError",
+    "UnsupportedDtypeError",
     "__version__",
+    "convert",
     "load",
     "load_and_quantize_model",
-    "convert",
-    "save",
-    "OutputExistsError",
-    "ConversionLockedError",
-    "QuantConfig",
-    "ops",
     "open",
-    "Checkpoint",
-    "TensorMeta",
-    "Spec4bit",
-    "SPEC_INT8",
-    *_errors_all,
+    "ops",
+    "save",
 ]

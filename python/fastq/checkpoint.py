@@ -11,7 +11,7 @@ import torch
 from . import _fastq
 from .ops import ST_TO_TORCH, int8_from_result, quant_state_from_result, wrap
 
-__all__ = ["open", "Checkpoint", "TensorMeta", "Spec4bit", "SPEC_INT8"]
+__all__ = ["SPEC_INT8", "Checkpoint", "Spec4bit", "TensorMeta", "open"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class Checkpoint:
 
     def __len__(self) -> int:
         return len(self._meta)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
 
     def keys(self) -> list[str]:
         """Tensor names, shard by shard in file order."""
@@ -130,6 +133,6 @@ def _results(it, storage: dict, device) -> Iterator[tuple[str, tuple]]:
         it.close()
 
 
-def open(path: str | os.PathLike) -> Checkpoint:  # noqa: A001 - fastq.open mirrors safetensors' safe_open
+def open(path: str | os.PathLike) -> Checkpoint:
     """Opens a checkpoint (see ``Checkpoint``)."""
     return Checkpoint(path)

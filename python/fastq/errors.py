@@ -4,17 +4,17 @@
 from __future__ import annotations
 
 __all__ = [
+    "ConfigError",
     "FastqError",
     "FastqIOError",
-    "MissingFileError",
     "HeaderError",
+    "InvalidArgumentError",
+    "MissingFileError",
+    "NonFiniteError",
+    "ShapeError",
     "TruncatedShardError",
     "UnknownTensorError",
     "UnsupportedDtypeError",
-    "NonFiniteError",
-    "ShapeError",
-    "InvalidArgumentError",
-    "ConfigError",
 ]
 
 

@@ -10,7 +10,7 @@ import json
 
 import torch
 
-__all__ = ["set_4bit", "set_int8", "prequantized_4bit", "prequantized_int8", "set_plain", "get_submodule"]
+__all__ = ["get_submodule", "prequantized_4bit", "prequantized_int8", "set_4bit", "set_int8", "set_plain"]
 
 
 def get_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:

@@ -13,7 +13,7 @@ import torch
 
 from . import _fastq
 
-__all__ = ["quantize_4bit", "quantize_int8", "dequantize_4bit", "kernel_name", "thread_count"]
+__all__ = ["dequantize_4bit", "kernel_name", "quantize_4bit", "quantize_int8", "thread_count"]
 
 _TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 ST_TO_TORCH = {

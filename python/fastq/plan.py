@@ -16,7 +16,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import FastqError, ShapeError
 
-__all__ = ["Entry", "Plan", "make_plan", "QUANT_STATE_SUFFIXES"]
+__all__ = ["QUANT_STATE_SUFFIXES", "Entry", "Plan", "make_plan"]
 
 #: Tensors bitsandbytes saves beside a 4-bit weight (``weight.`` + one of these).
 QUANT_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
