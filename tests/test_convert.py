@@ -188,6 +188,21 @@ def test_convert_casts_like_transformers(tiny_model, tmp_path, name):
     assert_same_files(tmp_path / "ref", dst)
 
 
+def test_side_files_without_generation_config(tiny_model, tmp_path):
+    """No generation_config.json in the source: transformers builds one from config.json; tokenizer and
+    other files are copied; weights of other formats are not."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("opt"), src)
+    (src / "generation_config.json").unlink()
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    (src / "pytorch_model.bin").write_bytes(b"stale")
+    ref = AUTO["opt"].from_pretrained(src, quantization_config=bnb("int8"), device_map="cpu")
+    ref.save_pretrained(tmp_path / "ref")
+    shutil.copy(src / "tokenizer.json", tmp_path / "ref" / "tokenizer.json")
+    dst = fastq.convert(src, tmp_path / "out", bnb("int8"), progress=False)
+    assert_same_files(tmp_path / "ref", dst)
+
+
 def test_quant_state_json_and_float_repr_match_bitsandbytes():
     from bitsandbytes.functional import QuantState
 

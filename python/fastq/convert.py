@@ -264,12 +264,14 @@ def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) 
     if hasattr(model, "can_generate") and model.can_generate():
         from transformers import GenerationConfig
 
+        # as from_pretrained does (generation/utils.py, adjust_generation_fn)
         try:
-            gen = GenerationConfig.from_pretrained(src_folder)
+            gen = GenerationConfig.from_pretrained(src_folder, local_files_only=True)
         except OSError:
-            gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
+            gen = GenerationConfig.from_pretrained(
+                src_folder, config_file_name="config.json", _from_model_config=True, local_files_only=True
+            )
+        gen.save_pretrained(tmp)
     for p in sorted(src_folder.iterdir()):
         if (
             p.is_file()
