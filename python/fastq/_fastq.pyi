@@ -6,8 +6,8 @@ from typing import Any, Literal, TypeAlias, final
 
 __version__: str
 
-# A job of Checkpoint.quantize: (name, kind, quant_type, blocksize, double_quant, transpose).
-QuantJob: TypeAlias = tuple[str, Literal["4bit", "int8"], str, int, bool, bool]
+# A job of Checkpoint.quantize: (name, kind, quant_type, blocksize, double_quant, transpose, cast dtype).
+QuantJob: TypeAlias = tuple[str, Literal["4bit", "int8"], str, int, bool, bool, str | None]
 # A 4-bit result: kind, quant_type, blocksize, shape, dtype, codes, absmax | None, nested_codes | None,
 # nested_absmax, offset; an int8 result: kind, shape, CB, SCB.
 Result: TypeAlias = dict[str, Any]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _fastq
-from .ops import ST_TO_TORCH, int8_from_result, quant_state_from_result, wrap
+from .ops import _TORCH_TO_ST, ST_TO_TORCH, int8_from_result, quant_state_from_result, wrap
 
 __all__ = ["SPEC_INT8", "Checkpoint", "Spec4bit", "TensorMeta", "open"]
 
@@ -100,18 +100,21 @@ class Checkpoint:
     ) -> Iterator[tuple[str, tuple]]:
         """Quantizes many tensors on all cores (GIL released); yields ``(name, result)`` in job order.
 
-        Each job is ``(name, spec)`` or ``(name, spec, transpose)``; ``transpose`` quantizes the transpose
-        of a 2-D weight (GPT-2's ``Conv1D``). ``result`` is ``(packed, QuantState)`` for a ``Spec4bit``
+        Each job is ``(name, spec)``, ``(name, spec, transpose)`` or ``(name, spec, transpose, cast)``;
+        ``transpose`` quantizes the transpose of a 2-D weight (GPT-2's ``Conv1D``), ``cast`` (a torch
+        float dtype) converts the weight before quantizing it, as transformers does when the model's
+        dtype is not the checkpoint's. ``result`` is ``(packed, QuantState)`` for a ``Spec4bit``
         job and ``(CB, SCB)`` for ``"int8"``.
         """
         raw, storage = [], {}
         for job in jobs:
             name, spec = job[0], job[1]
             transpose = bool(job[2]) if len(job) > 2 else False
+            cast = _TORCH_TO_ST[job[3]] if len(job) > 3 and job[3] is not None else None
             if spec == SPEC_INT8:
-                raw.append((name, "int8", "nf4", 64, False, transpose))
+                raw.append((name, "int8", "nf4", 64, False, transpose, cast))
             else:
-                raw.append((name, "4bit", spec.quant_type, spec.blocksize, spec.double_quant, transpose))
+                raw.append((name, "4bit", spec.quant_type, spec.blocksize, spec.double_quant, transpose, cast))
                 storage[name] = spec.quant_storage
         # The Rust worker starts now, before the caller asks for the first result.
         it = self._ck.quantize(raw, threads=threads, release_pages=release_pages)

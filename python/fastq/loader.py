@@ -341,11 +341,11 @@ def _fill(model, ckpt: Checkpoint, plan: Plan, dmap: dict, qcfg, offload_folder,
     are placed here; packed results are installed as they arrive."""
     from tqdm.auto import tqdm
 
-    # Weights stored in the dtype they are quantized from stream through the Rust pipeline; the others
-    # (a float32 checkpoint loaded as bfloat16) are cast first, then quantized one by one (plan.Entry.dtype).
-    direct = [e for e in plan.by_kind("4bit", "int8") if e.dtype is None]
-    jobs = [(e.source, qcfg.spec, e.transpose) for e in direct]
-    pending = {e.source: e for e in direct}
+    # Every weight streams through the Rust pipeline; one stored in another dtype than the one it is
+    # quantized from (a float32 checkpoint loaded as bfloat16) is cast there first (plan.Entry.dtype).
+    quantized = plan.by_kind("4bit", "int8")
+    jobs = [(e.source, qcfg.spec, e.transpose, e.dtype) for e in quantized]
+    pending = {e.source: e for e in quantized}
     results = ckpt.quantize(jobs, threads=threads) if jobs else iter(())
     bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="fastq.load", disable=not progress)
     offload_index: dict = {}
@@ -376,10 +376,6 @@ def _fill(model, ckpt: Checkpoint, plan: Plan, dmap: dict, qcfg, offload_folder,
             e = pending.pop(name)
             _install(model, e, res, dmap, qcfg)
             bar.update(e.nbytes)
-        for e in plan.by_kind("4bit", "int8"):
-            if e.dtype is not None:
-                _install(model, e, _quantize_cast(ckpt, e, qcfg, threads), dmap, qcfg)
-                bar.update(e.nbytes)
     finally:
         bar.close()
         if hasattr(results, "close"):
@@ -398,21 +394,6 @@ def _install(model, e, res, dmap: dict, qcfg) -> None:
         set_int8(module, res[0], res[1], dev)
     else:
         set_4bit(module, res[0], res[1], dev)
-
-
-def _quantize_cast(ckpt: Checkpoint, e, qcfg, threads):
-    """Quantizes ``e.source`` cast to ``e.dtype`` (and transposed for Conv1D) with the same Rust kernels."""
-    from . import ops
-
-    value = ckpt.get(e.source).to(e.dtype)
-    if e.transpose:
-        value = value.t()
-    if qcfg.is_8bit:
-        return ops.quantize_int8(value, threads=threads)
-    spec = qcfg.spec
-    return ops.quantize_4bit(
-        value, spec.blocksize, spec.quant_type, spec.double_quant, spec.quant_storage, threads=threads
-    )
 
 
 def _offload(name: str, value: torch.Tensor, folder, index: dict) -> None:

@@ -15,6 +15,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::pack::{quantize_source, quantize_tensor, Packed, QuantSpec};
 use crate::quant::Kernel;
+use crate::writer::cast::Cast;
 
 /// Knobs of a pipeline run.
 #[derive(Clone, Debug)]
@@ -72,6 +73,9 @@ pub struct Job {
     /// Quantize the transpose of a 2-D weight (GPT-2's `Conv1D` stores `[in, out]`; bitsandbytes
     /// quantizes the `[out, in]` weight of the `Linear` that replaces it).
     pub transpose: bool,
+    /// Cast to this float dtype before quantizing (transformers casts a weight to the model's dtype
+    /// first); chunk by chunk, in cache.
+    pub cast: Option<crate::dtype::Dtype>,
 }
 
 impl Job {
@@ -81,6 +85,7 @@ impl Job {
             name: name.into(),
             spec,
             transpose: false,
+            cast: None,
         }
     }
 }
@@ -100,10 +105,29 @@ pub fn quantize_job(ckpt: &Checkpoint, job: &Job, kernel: Kernel) -> Result<Pack
     let t = ckpt.info(&job.name)?;
     let path = ckpt.path_of(t);
     let at = |e: Error| e.at(path, &job.name);
+    if let Some(to) = job.cast {
+        if !to.is_float_input() {
+            return Err(Error::InvalidArgument(format!(
+                "cannot cast '{}' to {to}: F32, F16 or BF16 only",
+                job.name
+            )));
+        }
+    }
+    let dtype = job.cast.unwrap_or(t.dtype);
     if !job.transpose {
         // Positioned reads, chunk by chunk: see `TensorReader`.
         let reader = ckpt.reader(t)?;
-        return quantize_source(&reader, &t.shape, t.dtype, job.spec, kernel).map_err(at);
+        return match job.cast {
+            Some(to) => quantize_source(
+                &Cast { inner: reader, to },
+                &t.shape,
+                dtype,
+                job.spec,
+                kernel,
+            ),
+            None => quantize_source(&reader, &t.shape, dtype, job.spec, kernel),
+        }
+        .map_err(at);
     }
     ckpt.floats(t)?; // checks the dtype
     if t.shape.len() != 2 {
@@ -120,7 +144,12 @@ pub fn quantize_job(ckpt: &Checkpoint, job: &Job, kernel: Kernel) -> Result<Pack
     let bytes = transpose_bytes(ckpt.bytes(t), rows, cols, t.dtype.size());
     let xt =
         crate::dtype::FloatSlice::new(t.dtype, &bytes).expect("float dtype checked by floats()");
-    quantize_tensor(xt, &[cols, rows], t.dtype, job.spec, kernel).map_err(at)
+    let shape = [cols, rows];
+    match job.cast {
+        Some(to) => quantize_source(&Cast { inner: xt, to }, &shape, dtype, job.spec, kernel),
+        None => quantize_tensor(xt, &shape, dtype, job.spec, kernel),
+    }
+    .map_err(at)
 }
 
 /// Transposes a row-major `rows x cols` matrix of `elem`-byte elements, in cache-sized tiles.

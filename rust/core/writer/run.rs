@@ -268,6 +268,7 @@ impl<'a> Run<'a> {
                     name: q.source.clone(),
                     spec: q.spec,
                     transpose: q.transpose,
+                    cast: None,
                 }
             })
             .collect();

@@ -79,20 +79,39 @@ impl Checkpoint {
     }
 
     /// Quantizes many tensors in parallel; yields (name, dict) in the order of `jobs`.
-    /// Each job is (name, kind, quant_type, blocksize, double_quant, transpose) with kind "4bit" or "int8".
+    /// Each job is (name, kind, quant_type, blocksize, double_quant, transpose, cast) with kind "4bit" or
+    /// "int8" and cast None or a float dtype ("BF16") the weight is converted to before quantizing.
     #[pyo3(signature = (jobs, threads=None, batch_bytes=None, channel_capacity=None, release_pages=true))]
     fn quantize(
         &self,
-        jobs: Vec<(String, String, String, usize, bool, bool)>,
+        jobs: Vec<(String, String, String, usize, bool, bool, Option<String>)>,
         threads: Option<usize>,
         batch_bytes: Option<usize>,
         channel_capacity: Option<usize>,
         release_pages: bool,
     ) -> PyResult<QuantizeIter> {
         let mut parsed = Vec::with_capacity(jobs.len());
-        for (name, kind, qt, bs, dq, transpose) in jobs {
+        for (name, kind, qt, bs, dq, transpose, cast) in jobs {
             self.inner.info(&name).py_err()?;
-            parsed.push(Job { name, spec: spec_from_py(&kind, &qt, bs, dq)?, transpose });
+            let cast = match cast {
+                None => None,
+                Some(c) => Some(
+                    fastq::Dtype::parse(&c)
+                        .filter(|d| d.is_float_input())
+                        .ok_or_else(|| {
+                            pyo3::exceptions::PyValueError::new_err(format!(
+                                "cannot cast to '{c}': F32, F16 or BF16 only"
+                            ))
+                        })?,
+                ),
+            };
+            let spec = spec_from_py(&kind, &qt, bs, dq)?;
+            parsed.push(Job {
+                name,
+                spec,
+                transpose,
+                cast,
+            });
         }
         let names: Vec<String> = parsed.iter().map(|j| j.name.clone()).collect();
         let mut opts = Options {
