@@ -203,6 +203,22 @@ def test_side_files_without_generation_config(tiny_model, tmp_path):
     assert_same_files(tmp_path / "ref", dst)
 
 
+def test_keep_in_fp32_modules_load_in_transformers(tiny_model, tmp_path):
+    """accelerate's keep_in_fp32_modules is not a BitsAndBytesConfig field: the converted config lists the
+    unquantized modules in llm_int8_skip_modules, so transformers builds the same modules as fastq.load."""
+    cfg = fastq.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", keep_in_fp32_modules=["down_proj"])
+    dst = fastq.convert(tiny_model("llama"), tmp_path / "out", cfg, progress=False)
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["llm_int8_skip_modules"] == ["down_proj", "lm_head"]
+    assert qc["fastq"]["keep_in_fp32_modules"] == ["down_proj"]
+    ours = fastq.load(dst, None, "cpu", progress=False)
+    theirs = AUTO["llama"].from_pretrained(dst, device_map="cpu")
+    assert {n: type(m) for n, m in ours.named_modules()} == {n: type(m) for n, m in theirs.named_modules()}
+    assert ours.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(raw(a[k]), raw(b[k])) for k in a)
+
+
 def test_quant_state_json_and_float_repr_match_bitsandbytes():
     from bitsandbytes.functional import QuantState
 

@@ -19,9 +19,9 @@ from pathlib import Path
 __all__ = ["build_parser", "inspect_checkpoint", "main", "shard_digest"]
 
 
-def _bool_pair(group, name: str, dest: str, help: str) -> None:
-    group.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help)
-    group.add_argument(f"--no-{name}", dest=dest, action="store_false", help=f"do not {help[0].lower()}{help[1:]}")
+def _bool_pair(group, name: str, dest: str, yes: str, no: str) -> None:
+    group.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=yes)
+    group.add_argument(f"--no-{name}", dest=dest, action="store_false", help=no)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--load-in-8bit", action="store_true", help="LLM.int8 (Linear8bitLt)")
     c.add_argument("--quant-type", choices=("nf4", "fp4"), default=None, help="4-bit data type (default fp4)")
     dq = c.add_mutually_exclusive_group()
-    _bool_pair(dq, "double-quant", "double_quant", "Quantize the 4-bit statistics again (default off)")
+    _bool_pair(dq, "double-quant", "double_quant", "quantize the 4-bit statistics again (bnb_4bit_use_double_quant)",
+               "do not (the default)")
     c.add_argument("--compute-dtype", default=None, help="bnb_4bit_compute_dtype (default float32)")
     c.add_argument("--quant-storage", default=None, help="bnb_4bit_quant_storage (default uint8)")
     c.add_argument("--blocksize", type=int, default=None, help="4-bit block size (default 64)")

@@ -249,6 +249,19 @@ def _progress_bar(enabled: bool, desc: str):
     return update, close
 
 
+def _quantization_config(prepared, qcfg: QuantConfig) -> dict:
+    """``qcfg.to_dict()``, transformers' ``BitsAndBytesConfig.to_dict()``. accelerate's
+    ``keep_in_fp32_modules`` has no place there, so transformers would build those modules as 4-bit/8-bit
+    layers and fail to load their float32 weights; with it, ``llm_int8_skip_modules`` lists every module
+    the conversion left unquantized (transformers' own ``modules_to_not_convert``), and the "fastq"
+    sub-dict keeps the rest for ``fastq.load``."""
+    d = qcfg.to_dict()
+    hfq = prepared.hf_quantizer
+    if qcfg.keep_in_fp32_modules and hfq is not None and getattr(hfq, "modules_to_not_convert", None):
+        d["llm_int8_skip_modules"] = sorted(set(hfq.modules_to_not_convert))
+    return d
+
+
 def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) -> None:
     """config.json and generation_config.json as ``save_pretrained`` writes them; the tokenizer and every
     other non-weight file of the source copied as they are."""
@@ -256,7 +269,7 @@ def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) 
 
     model = prepared.model
     config = copy.deepcopy(model.config)
-    config.quantization_config = qcfg.to_dict()
+    config.quantization_config = _quantization_config(prepared, qcfg)
     config.dtype = str(outputs.config_dtype).removeprefix("torch.")
     config.architectures = [model.__class__.__name__]
     config.save_pretrained(tmp)
