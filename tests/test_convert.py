@@ -219,6 +219,23 @@ def test_keep_in_fp32_modules_load_in_transformers(tiny_model, tmp_path):
     assert list(a) == list(b) and all(torch.equal(raw(a[k]), raw(b[k])) for k in a)
 
 
+def test_other_blocksize_loads_in_transformers(tiny_model, tmp_path):
+    """BitsAndBytesConfig has no block size, but Params4bit.from_prequantized reads it from each weight's
+    quant_state, so a 128-block conversion loads in transformers; its codes are bitsandbytes'."""
+    from bitsandbytes.functional import quantize_4bit
+
+    src = tiny_model("llama")
+    cfg = fastq.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", blocksize=128)
+    dst = fastq.convert(src, tmp_path / "out", cfg, progress=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    with safe_open(Path(src) / "model.safetensors", "pt") as st:
+        packed, state = quantize_4bit(st.get_tensor(name), blocksize=128, quant_type="nf4", compress_statistics=False)
+    got = tensors(dst)
+    assert torch.equal(got[name], packed) and torch.equal(got[name + ".absmax"], state.absmax)
+    theirs = AUTO["llama"].from_pretrained(dst, device_map="cpu")
+    assert torch.equal(outputs(theirs, "llama"), outputs(fastq.load(dst, None, "cpu", progress=False), "llama"))
+
+
 def test_quant_state_json_and_float_repr_match_bitsandbytes():
     from bitsandbytes.functional import QuantState
 
