@@ -70,6 +70,10 @@ pub fn quantize_blockwise_dynamic(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
                 // SAFETY: the CPU supports the AVX-512 subsets the kernel needs (checked just above).
                 unsafe { super::x86::avx512::quantize_blockwise_dynamic(x, codes, absmax) };
                 return;
+            } else if super::has_avx2() {
+                // SAFETY: the CPU supports avx2, f16c and fma (checked just above).
+                unsafe { super::x86::quantize_blockwise_dynamic_avx2(x, codes, absmax) };
+                return;
             }
             let blocks = x
                 .chunks(NESTED_BLOCKSIZE)

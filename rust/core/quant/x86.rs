@@ -412,7 +412,6 @@ pub(crate) unsafe fn quantize_int8_rows_avx2(
 ///
 /// # Safety
 /// The CPU must support avx2, f16c and fma.
-#[allow(dead_code)] // Not called yet: `double::quantize_blockwise_dynamic` is to dispatch here.
 #[target_feature(enable = "avx2,f16c,fma")]
 pub(crate) unsafe fn quantize_blockwise_dynamic_avx2(
     x: &[f32],

@@ -120,7 +120,8 @@ fn check_len(x: &FloatSlice, shape: &[usize]) -> fastq::Result<()> {
     Ok(())
 }
 
-/// The kernel the fast path runs on this CPU ("avx2" or "scalar").
+/// The kernel the fast path runs on this CPU ("avx512", "avx2" or "scalar"; `FASTQ_DISABLE_AVX512=1`
+/// forces AVX2 on an AVX-512 machine).
 #[pyfunction]
 pub fn kernel_name() -> &'static str {
     quant::kernel_name()
