@@ -150,7 +150,10 @@ pub fn code_4bit(quant_type: &str) -> PyResult<Vec<f32>> {
 #[pyfunction]
 pub fn quantize_nested_blockwise(py: Python<'_>, data: PyBuffer<u8>) -> PyResult<(Buffer, Buffer)> {
     let (codes, absmax) = with_bytes(py, &data, Some(1), |b| {
-        let x: Vec<f32> = b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let x: Vec<f32> = b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         Ok(quant::double::quantize_blockwise_dynamic(&x))
     })?;
     Ok((Buffer::from_bytes(codes), Buffer::from_f32(absmax)))
