@@ -1,16 +1,16 @@
 //! Where each output tensor's bytes come from: a checkpoint tensor copied (transposed, cast) in
-//! chunks, a quantization result's buffers, or a weight quantized here because it needs a cast first.
+//! chunks, or a quantization result's buffers.
 
 use std::os::unix::fs::FileExt;
 
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
-use crate::pack::{quantize_source, Packed};
+use crate::pack::Packed;
 use crate::pipeline::transpose_bytes;
 use crate::quant::dynamic_map;
 
-use super::cast::{cast_into, Cast};
+use super::cast::cast_into;
 use super::layout::{Content, Part};
 use super::manifest::Hasher;
 use super::pyjson::quant_state_json;
@@ -106,36 +106,6 @@ impl Run<'_> {
         self.copy_buf = buf;
         result?;
         self.mark(s, pos, hasher)
-    }
-
-    /// Quantizes a job that needs a cast, on this thread's behalf (the pipeline has no cast).
-    pub(super) fn quantize_here(&self, j: usize, pool: &rayon::ThreadPool) -> Result<Packed> {
-        let job = &self.layout.jobs[j];
-        let to = job.cast.expect("cast job");
-        let ckpt = &self.ckpt;
-        let info = ckpt.info(&job.source)?;
-        let path = ckpt.path_of(info);
-        let at = |e: Error| e.at(path, &job.source);
-        let kernel = self.opts.pipeline.kernel;
-        pool.install(|| {
-            if job.transpose {
-                let (rows, cols) = (info.shape[0], info.shape[1]);
-                let bytes = transpose_bytes(ckpt.bytes(info), rows, cols, info.dtype.size());
-                ckpt.release(info);
-                let x = FloatSlice::new(info.dtype, &bytes).expect("float source");
-                quantize_source(&Cast { inner: x, to }, &[cols, rows], to, job.spec, kernel)
-            } else {
-                let reader = ckpt.reader(info)?;
-                quantize_source(
-                    &Cast { inner: reader, to },
-                    &info.shape,
-                    to,
-                    job.spec,
-                    kernel,
-                )
-            }
-        })
-        .map_err(at)
     }
 
     pub(super) fn write_part(&mut self, t: usize, packed: &Packed, hasher: &Hasher) -> Result<()> {

@@ -95,7 +95,6 @@ pub fn convert(
 ) -> Result<Option<Summary>> {
     let fingerprint = layout.fingerprint(&ckpt);
     let paths: Vec<PathBuf> = layout.shards.iter().map(|s| dir.join(&s.name)).collect();
-    let pool = pipeline::pool(opts.pipeline.threads)?;
     let params: serde_json::Value = serde_json::from_str(&opts.params_json)
         .map_err(|e| Error::InvalidArgument(format!("conversion parameters are not JSON: {e}")))?;
     // Shards a previous run finished and that still hash to what it recorded.
@@ -103,6 +102,7 @@ pub fn convert(
     let mut kept: HashSet<usize> = HashSet::new();
     if opts.resume {
         if let Some(old) = Manifest::load_for_resume(dir, &params, &fingerprint)? {
+            let pool = pipeline::pool(opts.pipeline.threads)?;
             let checks: Vec<(usize, bool)> = pool.install(|| {
                 layout
                     .shards
@@ -126,7 +126,7 @@ pub fn convert(
     manifest.save(dir)?;
     let mut run = Run::new(ckpt, layout, &paths, &kept, opts, progress)?;
     let hasher = Hasher::start(dir.to_path_buf(), paths.clone(), manifest, opts.fsync)?;
-    let finished = run.execute(&hasher, &pool);
+    let finished = run.execute(&hasher);
     let manifest = hasher.join();
     let finished = finished?;
     let manifest = manifest?;
@@ -233,7 +233,7 @@ impl<'a> Run<'a> {
     }
 
     /// Runs to the end; Ok(false) when cancelled.
-    fn execute(&mut self, hasher: &Hasher, pool: &rayon::ThreadPool) -> Result<bool> {
+    fn execute(&mut self, hasher: &Hasher) -> Result<bool> {
         let layout = self.layout;
         // Each job is run once, with the first shard still to write that holds one of its parts.
         let mut job_home = vec![None; layout.jobs.len()];
@@ -258,17 +258,16 @@ impl<'a> Run<'a> {
                 parts[job].push(t);
             }
         }
-        // Jobs without a cast stream from the pipeline; cast ones are quantized here, in order.
+        // Every job streams from the pipeline, in this order (a cast is done there, chunk by chunk).
         let streamed: Vec<Job> = order
             .iter()
-            .filter(|&&j| layout.jobs[j].cast.is_none())
             .map(|&j| {
                 let q = &layout.jobs[j];
                 Job {
                     name: q.source.clone(),
                     spec: q.spec,
                     transpose: q.transpose,
-                    cast: None,
+                    cast: q.cast,
                 }
             })
             .collect();
@@ -298,23 +297,19 @@ impl<'a> Run<'a> {
             }
             while next_job < order.len() && job_home[order[next_job]] == Some(s) {
                 let j = order[next_job];
-                let packed = if layout.jobs[j].cast.is_some() {
-                    self.quantize_here(j, pool)?
-                } else {
-                    let rx = rx.as_ref().expect("streamed jobs exist");
-                    loop {
-                        match rx.recv_timeout(self.opts.progress_interval) {
-                            Ok((_, r)) => break r?,
-                            Err(RecvTimeoutError::Timeout) => {
-                                if !self.report(true) {
-                                    return Ok(false);
-                                }
+                let rx = rx.as_ref().expect("a job to run means a pipeline");
+                let packed = loop {
+                    match rx.recv_timeout(self.opts.progress_interval) {
+                        Ok((_, r)) => break r?,
+                        Err(RecvTimeoutError::Timeout) => {
+                            if !self.report(true) {
+                                return Ok(false);
                             }
-                            Err(RecvTimeoutError::Disconnected) => {
-                                return Err(Error::InvalidArgument(
-                                    "the quantization pipeline stopped before its last job".into(),
-                                ))
-                            }
+                        }
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Err(Error::InvalidArgument(
+                                "the quantization pipeline stopped before its last job".into(),
+                            ))
                         }
                     }
                 };
