@@ -139,7 +139,7 @@ pub fn plan_layout<'py>(
 }
 
 /// convert(src, out_dir, jobs, outputs, max_shard_size, params_json, resume=False, fsync=True,
-/// threads=None, progress=None, interval=0.2) -> dict | None
+/// threads=None, progress=None, interval=0.2) -> dict
 ///
 /// Writes the shards and `fastq-manifest.json` into `out_dir`. `progress(bytes_done, bytes_total,
 /// shards_done, shards_total, shards_resumed)` is called at most every `interval` seconds and once at
