@@ -217,25 +217,3 @@ fn bad_shape(reason: String) -> Error {
         reason,
     }
 }
-
-/// The `quant_state.bitsandbytes__<type>` JSON that transformers and bitsandbytes save beside a 4-bit
-/// weight (`QuantState.as_dict(packed=True)`).
-pub fn quant_state_json(p: &Packed4, torch_dtype: &str) -> String {
-    let mut m = serde_json::Map::new();
-    m.insert("quant_type".into(), p.quant_type.as_str().into());
-    m.insert("blocksize".into(), p.blocksize.into());
-    m.insert("dtype".into(), torch_dtype.into());
-    m.insert("shape".into(), serde_json::Value::from(p.shape.clone()));
-    if let Some(n) = &p.nested {
-        m.insert(
-            "nested_blocksize".into(),
-            crate::quant::NESTED_BLOCKSIZE.into(),
-        );
-        m.insert("nested_dtype".into(), "float32".into());
-        m.insert(
-            "nested_offset".into(),
-            serde_json::Value::from(n.offset as f64),
-        );
-    }
-    serde_json::Value::Object(m).to_string()
-}
