@@ -115,11 +115,7 @@ def build_empty(folder, dtype: torch.dtype, trust_remote_code: bool = False) -> 
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    try:  # skip the random initialisation of meta tensors (about half of building the model)
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        no_init_weights = contextlib.nullcontext
-    with init_empty_weights(), no_init_weights():
+    with init_empty_weights(), _no_init():  # meta tensors need no random init (half of building)
         if cls is not None:
             model = cls._from_config(config, dtype=dtype)
         else:
@@ -143,6 +139,19 @@ def _hf_quantizer(qcfg: QuantConfig):
 
 def _replace_modules(model, qcfg: QuantConfig, device_map, dtype):
     """Swaps nn.Linear for bitsandbytes modules; returns transformers' quantizer (or None)."""
+    with _no_init():  # the new modules' meta weights need no random init (it was most of the swap)
+        return _swap(model, qcfg, device_map, dtype)
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _swap(model, qcfg: QuantConfig, device_map, dtype):
     if _is_hf(model):
         hfq = _hf_quantizer(qcfg)
         extra = qcfg.keep_in_fp32_modules or []

@@ -113,6 +113,12 @@ def make_plan(
 
     prefix = getattr(model, "base_model_prefix", "") or ""
     keys = set(ckpt.keys())
+    # "<weight>.quant_state.bitsandbytes__nf4" keys by weight name (one pass, not one scan per module).
+    quant_states: dict[str, list[str]] = {}
+    for k in keys:
+        head, sep, _ = k.rpartition(".quant_state.bitsandbytes__")
+        if sep:
+            quant_states.setdefault(head, []).append(k)
     alias = _alias_groups(model)
     dtype_of = dtype_of or {}
     entries: list[Entry] = []
@@ -147,7 +153,7 @@ def make_plan(
         meta = ckpt.meta(src)
         transpose = quantized and _is_conv1d(module)
         if quantized and isinstance(module, bnb.nn.Linear4bit):
-            pre = [k for k in keys if k.startswith(src + ".quant_state.bitsandbytes__")]
+            pre = quant_states.get(src, [])
             if pre:
                 _check_shape(name, t, ckpt.meta(pre[0]), _prequantized_shape(ckpt, pre[0]))
                 extra = {s: f"{src}.{s}" for s in QUANT_STATE_SUFFIXES if f"{src}.{s}" in keys}
