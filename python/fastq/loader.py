@@ -363,6 +363,16 @@ def _fill(model, ckpt: Checkpoint, plan: Plan, dmap: dict, qcfg, offload_folder,
     jobs = [(e.source, qcfg.spec, e.transpose, e.dtype) for e in quantized]
     pending = {e.source: e for e in quantized}
     results = ckpt.quantize(jobs, threads=threads) if jobs else iter(())
+    # Tensors used in place on the CPU (zero-copy views of the mapping) are made resident now, in
+    # parallel, rather than faulted in page by page on first use.
+    resident = [
+        src
+        for e in plan.by_kind("plain", "4bit-pre", "int8-pre")
+        if dmap_mod.device_of(e.name, dmap) == "cpu"
+        for src in (e.source, *e.extra.values())
+    ]
+    if resident:
+        ckpt.populate(resident, threads=threads)
     bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="fastq.load", disable=not progress)
     offload_index: dict = {}
     try:

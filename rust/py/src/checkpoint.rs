@@ -73,6 +73,21 @@ impl Checkpoint {
         Ok(Buffer::from_map(map, t.start, t.end))
     }
 
+    /// Maps the pages of the named tensors into the process in parallel (GIL released), so that the
+    /// zero-copy tensors `get` returns are resident before they are used.
+    #[pyo3(signature = (names, threads=None))]
+    fn populate(&self, py: Python<'_>, names: Vec<String>, threads: Option<usize>) -> PyResult<()> {
+        use rayon::prelude::*;
+        let infos = names
+            .iter()
+            .map(|n| self.inner.info(n))
+            .collect::<fastq::Result<Vec<_>>>()
+            .py_err()?;
+        let pool = pipeline::pool(threads).py_err()?;
+        py.allow_threads(|| pool.install(|| infos.par_iter().for_each(|t| self.inner.populate(t))));
+        Ok(())
+    }
+
     /// Total bytes of tensor data.
     fn total_bytes(&self) -> usize {
         self.inner.total_bytes()
