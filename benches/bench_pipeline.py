@@ -38,21 +38,9 @@ def bench_dir() -> Path:
 
 def llama_tensors() -> list[tuple[int, str, tuple[int, ...]]]:
     """(shard, name, shape) of every tensor in file order (the split of benches/common/mod.rs)."""
-    v = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
-    for i in range(LAYERS):
-        p = f"model.layers.{i}"
-        v += [
-            (f"{p}.input_layernorm.weight", (HIDDEN,)),
-            (f"{p}.self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
-            (f"{p}.self_attn.k_proj.weight", (KV_DIM, HIDDEN)),
-            (f"{p}.self_attn.v_proj.weight", (KV_DIM, HIDDEN)),
-            (f"{p}.self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
-            (f"{p}.post_attention_layernorm.weight", (HIDDEN,)),
-            (f"{p}.mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)),
-            (f"{p}.mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)),
-            (f"{p}.mlp.down_proj.weight", (HIDDEN, INTERMEDIATE)),
-        ]
-    v += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    from bench_convert import llama_tensors as named  # the one list of the bench model's tensors
+
+    v = named(LAYERS)
     total = sum(_numel(s) for _, s in v)
     out, acc = [], 0
     for name, shape in v:

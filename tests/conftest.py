@@ -33,6 +33,14 @@ FAMILIES = {
 }
 
 
+def auto_class(family: str):
+    """The transformers auto class that loads a saved ``family`` model."""
+    import transformers
+
+    name = {"bert": "AutoModel", "t5": "AutoModelForSeq2SeqLM"}.get(family, "AutoModelForCausalLM")
+    return getattr(transformers, name)
+
+
 def tiny_config(family: str):
     """The transformers config of a tiny ``family`` model (see ``FAMILIES``)."""
     import transformers

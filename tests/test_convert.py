@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VOCAB
+from conftest import FAMILIES, VOCAB, auto_class
 from fastq import _fastq
 from fastq.convert import temp_folder
 from fastq.save import UnsavableModelError
@@ -51,14 +51,7 @@ CONFIGS = {
     "fp4-bf16-storage": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_quant_storage": torch.bfloat16},
     "nf4-skip": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "llm_int8_skip_modules": ["lm_head", "down_proj", "fc2", "wo"]},
 }
-AUTO = {
-    "llama": transformers.AutoModelForCausalLM,
-    "gpt2": transformers.AutoModelForCausalLM,
-    "opt": transformers.AutoModelForCausalLM,
-    "bloom": transformers.AutoModelForCausalLM,
-    "bert": transformers.AutoModel,
-    "t5": transformers.AutoModelForSeq2SeqLM,
-}
+AUTO = {family: auto_class(family) for family in FAMILIES}
 MATRIX = [(f, c) for f in AUTO for c in ("nf4", "int8", "nf4-dq")] + [
     ("llama", "fp4"), ("gpt2", "fp4"), ("llama", "fp4-bf16-storage"), ("llama", "nf4-skip"), ("opt", "nf4-skip"),
 ]

@@ -29,7 +29,7 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from accelerate.utils import BnbQuantizationConfig
-from conftest import VOCAB, tiny_config
+from conftest import FAMILIES, VOCAB, auto_class, tiny_config
 from fastq.device_map import check_offload
 from transformers import BitsAndBytesConfig
 
@@ -49,14 +49,7 @@ CONFIGS = {
 }
 
 #: The transformers auto class that loads each family's saved architecture.
-AUTO = {
-    "llama": transformers.AutoModelForCausalLM,
-    "gpt2": transformers.AutoModelForCausalLM,
-    "opt": transformers.AutoModelForCausalLM,
-    "bloom": transformers.AutoModelForCausalLM,
-    "bert": transformers.AutoModel,
-    "t5": transformers.AutoModelForSeq2SeqLM,
-}
+AUTO = {family: auto_class(family) for family in FAMILIES}
 
 # Every config for every family: a tiny model loads in well under a second.
 MATRIX = [(family, name) for family in AUTO for name in CONFIGS]
