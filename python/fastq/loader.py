@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,9 @@ def load(
     else:
         dtype = _resolve_dtype(dtype, qcfg, raw_config)
     ckpt = Checkpoint(src.weights)
+    # A checkpoint read in place on the CPU (pre-quantized or plain) is made resident in the background,
+    # with the GIL released, while the model skeleton is built below.
+    prefetch = _prefetch(ckpt, threads) if (prequantized or qcfg is None) and _cpu_only(device_map) else None
     caller_model = model is not None
     if model is None:
         if src.config_path is None:
@@ -288,7 +292,9 @@ def load(
             )
         dmap_mod.check_offload(dmap, quantized, qcfg.llm_int8_enable_fp32_cpu_offload)
     plan = _plan(model, ckpt, src, dtype, qcfg, prequantized, cast)
-    offload_index = _fill(model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads)
+    if prefetch is not None:
+        prefetch.join()
+    offload_index = _fill(model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads, prefetch is not None)
     _raise_glibc_mmap_threshold()
     _finalize(model, plan, dmap, hfq, qcfg, offload_folder, offload_index)
     return model
@@ -352,7 +358,23 @@ def prepare(path, cfg=None, *, dtype=None, trust_remote_code: bool = False) -> P
     return Prepared(model, plan, qcfg, dtype, ckpt, src, prequantized, hfq)
 
 
-def _fill(model, ckpt: Checkpoint, plan: Plan, dmap: dict, qcfg, offload_folder, progress: bool, threads):
+def _cpu_only(device_map) -> bool:
+    """Whether every tensor goes to the CPU (known before the model exists)."""
+    if device_map is None:
+        return not torch.cuda.is_available()
+    return device_map in ("cpu", {"": "cpu"}) or device_map == torch.device("cpu")
+
+
+def _prefetch(ckpt: Checkpoint, threads) -> threading.Thread:
+    t = threading.Thread(target=ckpt.populate, args=(ckpt.keys(),), kwargs={"threads": threads}, daemon=True)
+    t.start()
+    return t
+
+
+def _fill(
+    model, ckpt: Checkpoint, plan: Plan, dmap: dict, qcfg, offload_folder, progress: bool, threads,
+    resident_already: bool = False,
+):
     """Places every tensor. The Rust pipeline quantizes in the background while the unquantized tensors
     are placed here; packed results are installed as they arrive."""
     from tqdm.auto import tqdm
@@ -371,7 +393,7 @@ def _fill(model, ckpt: Checkpoint, plan: Plan, dmap: dict, qcfg, offload_folder,
         if dmap_mod.device_of(e.name, dmap) == "cpu"
         for src in (e.source, *e.extra.values())
     ]
-    if resident:
+    if resident and not resident_already:
         ckpt.populate(resident, threads=threads)
     bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="fastq.load", disable=not progress)
     offload_index: dict = {}
