@@ -491,6 +491,9 @@ def _finalize(model, plan: Plan, dmap: dict, hfq, qcfg, offload_folder, offload_
     if set(still_meta) - on_disk:
         raise ConfigError(f"parameters left without weights: {sorted(set(still_meta) - on_disk)[:8]}")
     devices = set(dmap.values())
+    for dev in devices:  # the pinned host-to-GPU copies (modules.to_device) are asynchronous
+        if isinstance(dev, str) and dev.startswith("cuda"):
+            torch.cuda.synchronize(dev)
     if len(devices) > 1 or "disk" in devices:
         from accelerate import dispatch_model
 

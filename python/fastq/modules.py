@@ -10,7 +10,7 @@ import json
 
 import torch
 
-__all__ = ["get_submodule", "prequantized_4bit", "prequantized_int8", "set_4bit", "set_int8", "set_plain"]
+__all__ = ["get_submodule", "prequantized_4bit", "prequantized_int8", "set_4bit", "set_int8", "set_plain", "to_device"]
 
 
 def get_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -23,10 +23,26 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor bound for a GPU is staged through pinned memory and copied
+    asynchronously on the current stream, so the DMA overlaps the placing of the next tensor; torch's
+    caching host allocator keeps the staging block until the copy completes (``_finalize`` of the loader
+    synchronizes before returning the model)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, non_blocking=True)
+
+
 def set_4bit(module, packed: torch.Tensor, state, device) -> None:
     """Installs a packed 4-bit weight (``fastq.ops``-style result) on a ``Linear4bit``."""
     import bitsandbytes as bnb
 
+    device = _device(device)
+    if device.type == "cuda":
+        packed = to_device(packed, device)
+        state.to(device)  # the statistics: small, moved in place
     w = bnb.nn.Params4bit(
         data=packed,
         requires_grad=False,
@@ -38,8 +54,7 @@ def set_4bit(module, packed: torch.Tensor, state, device) -> None:
         module=module,
         bnb_quantized=True,
     )
-    device = _device(device)
-    if device.type != "cpu":
+    if device.type not in ("cpu", "cuda"):
         w = w.to(device)  # bnb_quantized: moves bytes and QuantState, never re-quantizes
     module.weight = w
     module.quant_state = w.quant_state
@@ -59,10 +74,12 @@ def set_int8(module, cb: torch.Tensor, scb: torch.Tensor, device) -> None:
     """Installs an LLM.int8 weight (CB, SCB) on a ``Linear8bitLt``."""
     import bitsandbytes as bnb
 
+    device = _device(device)
+    if device.type == "cuda":
+        cb, scb = to_device(cb, device), scb.to(device)
     w = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
     w.CB, w.SCB = cb, scb
-    device = _device(device)
-    if device.type != "cpu":
+    if device.type not in ("cpu", "cuda"):
         w = w.to(device)  # int8 data: moved, not quantized again
     module.weight = w
 
@@ -85,7 +102,7 @@ def set_plain(model: torch.nn.Module, name: str, value: torch.Tensor, device, dt
     if dtype is not None and value.dtype != dtype:
         value = value.to(dtype)
     if device.type != "cpu":
-        value = value.to(device, non_blocking=device.type == "cuda")
+        value = to_device(value, device)
     old = module._parameters.get(leaf)
     if old is not None or leaf in module._parameters:
         if isinstance(old, bnb.nn.Int8Params):  # llm_int8_has_fp16_weight: 16-bit main weights
