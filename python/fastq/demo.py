@@ -88,6 +88,12 @@ def _real_model() -> None:
     import fastq
 
     path = smollm2_dir()
+    # Both loaders import the model's code and bitsandbytes' quantizers lazily: import them first, so
+    # that neither timing below carries them.
+    import transformers.integrations.bitsandbytes
+    import transformers.models.llama.modeling_llama
+    import transformers.quantizers.quantizer_bnb_4bit
+
     cfg = fastq.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16)
     t = time.perf_counter()
