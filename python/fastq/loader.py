@@ -30,7 +30,7 @@ from .errors import ConfigError, MissingFileError
 from .modules import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .plan import Plan, check_complete, make_plan
 
-__all__ = ["Prepared", "build_empty", "load", "load_and_quantize_model", "prepare", "resolve_source"]
+__all__ = ["Prepared", "build_empty", "load", "load_and_quantize_model", "prepare"]
 
 
 class Source:
@@ -47,10 +47,6 @@ class Source:
 
     def raw_config(self) -> dict:
         return json.loads(self.config_path.read_text()) if self.config_path else {}
-
-
-def resolve_source(path) -> Source:
-    return Source(path)
 
 
 def _quant_config(cfg, raw_config: dict) -> tuple[QuantConfig | None, bool]:

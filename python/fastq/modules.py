@@ -6,8 +6,6 @@ int8 data, ``CB`` and ``SCB``. Moving them to a device moves the packed bytes an
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 __all__ = ["get_submodule", "prequantized_4bit", "prequantized_int8", "set_4bit", "set_int8", "set_plain", "to_device"]
@@ -112,8 +110,3 @@ def set_plain(model: torch.nn.Module, name: str, value: torch.Tensor, device, dt
             module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
     else:
         module._buffers[leaf] = value
-
-
-def quant_state_json(raw: torch.Tensor) -> dict:
-    """The JSON saved as ``weight.quant_state.bitsandbytes__*`` (uint8 bytes)."""
-    return json.loads(bytes(raw.cpu().numpy().tobytes()).decode("utf-8"))

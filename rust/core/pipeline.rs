@@ -3,8 +3,10 @@
 //! Jobs run in order in batches: small tensors of a batch in parallel with each other, large ones
 //! split across blocks (see `pack::quantize_tensor`). Results go through a bounded channel, so at
 //! most `channel_capacity` finished results wait for the consumer and one batch is being computed:
-//! memory is bounded by what is in flight, not by the checkpoint. Input pages of consumed tensors are
-//! released from this process (`Checkpoint::release`), so a checkpoint larger than RAM streams through.
+//! memory is bounded by what is in flight, not by the checkpoint. Inputs are read chunk by chunk with
+//! `pread` (`TensorReader`), so no page of the mapping stays resident; the few tensors read through the
+//! mapping (transposed ones) are released after use (`Checkpoint::release`). A checkpoint larger than
+//! RAM streams through.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -26,7 +28,8 @@ pub struct Options {
     pub batch_bytes: usize,
     /// Finished results that may wait for the consumer.
     pub channel_capacity: usize,
-    /// Drop input pages from this process after each tensor.
+    /// Drop input pages from this process after each tensor that was read through the mapping
+    /// (transposed ones; the others are read with `pread` and never map a page).
     pub release_pages: bool,
     pub kernel: Kernel,
 }
@@ -88,16 +91,6 @@ impl Job {
             cast: None,
         }
     }
-}
-
-/// Quantizes the tensor called `name` with `spec` (errors name the file and the tensor).
-pub fn quantize_named(
-    ckpt: &Checkpoint,
-    name: &str,
-    spec: QuantSpec,
-    kernel: Kernel,
-) -> Result<Packed> {
-    quantize_job(ckpt, &Job::new(name, spec), kernel)
 }
 
 /// Quantizes one job (errors name the file and the tensor).
@@ -210,7 +203,8 @@ pub fn spawn_jobs(ckpt: Arc<Checkpoint>, jobs: Vec<Job>, opts: Options) -> Resul
                         .collect()
                 });
                 for (job, r) in batch.iter().zip(results) {
-                    if opts.release_pages {
+                    // Only a transposed job reads through the mapping; the others use `pread`.
+                    if opts.release_pages && job.transpose {
                         if let Ok(t) = ckpt.info(&job.name) {
                             ckpt.release(t);
                         }
