@@ -8,6 +8,13 @@ cache, then runs each case in a fresh subprocess (imports excluded from the timi
   tf_int8 / fq_int8  the same in LLM.int8
   fq_convert         fastq.convert of the checkpoint to NF4 (CPU only, all cores)
   tf_pre / fq_pre    reloading that pre-quantized checkpoint with transformers and with fastq
+  fq_nf4_cpu         fastq.load quantizing on the CPU (quantize_on="cpu"), then copying
+  fq_convert8, tf_pre8 / fq_pre8   the same for an int8 conversion
+  tf_plain / fq_plain / st_plain   the bf16 checkpoint with no quantization (st: safetensors' load_file
+                     of each shard to the GPU, the plain reader)
+  cold_tf_nf4 / cold_fq_nf4        NF4 + double quant with the checkpoint dropped from the page cache
+fastq cases also report the phases of the load (skeleton, plan, fill, finalize) and the ring's
+timeline (read / copy / device busy time and GB/s, first start and last end of each).
 Each case reports load seconds, GPU peak, host peak RSS, a greedy-generation speed with bitsandbytes'
 kernels, and the last-position logits of a fixed prompt (compared across cases at the end).
 """
@@ -84,7 +91,7 @@ def warm(path: Path) -> float:
     return total / (time.perf_counter() - t) / 1e9
 
 
-def run_case(case: str, ckpt: Path, pre: Path, out: Path) -> dict:
+def run_case(case: str, ckpt: Path, pre: Path, pre8: Path, out: Path) -> dict:
     # Imports excluded from every timing: both loaders lazily import these on first use.
     import accelerate  # noqa: F401
     import bitsandbytes  # noqa: F401
@@ -106,6 +113,7 @@ def run_case(case: str, ckpt: Path, pre: Path, out: Path) -> dict:
     torch.cuda.init()
     torch.zeros(1, device="cuda")
     base_rss = _rss_now()
+    sampler = _AnonSampler()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -118,8 +126,31 @@ def run_case(case: str, ckpt: Path, pre: Path, out: Path) -> dict:
     elif case == "fq_int8":
         m = fastq.load(ckpt, bnb8, dm, dtype=torch.bfloat16, progress=False)
     elif case == "fq_convert":
-        fastq.convert(ckpt, pre, bnb4, progress=False)
+        fastq.convert(ckpt, pre, bnb4, progress=False, overwrite=True)
         return {"case": case, "load_s": time.perf_counter() - t, "rss_gb": _rss()}
+    elif case == "fq_nf4_cpu":
+        m = fastq.load(ckpt, bnb4, dm, dtype=torch.bfloat16, progress=False, quantize_on="cpu")
+    elif case == "fq_convert8":
+        fastq.convert(ckpt, pre8, bnb8, progress=False, overwrite=True)
+        return {"case": case, "load_s": time.perf_counter() - t, "rss_gb": _rss()}
+    elif case == "tf_pre8":
+        m = transformers.AutoModelForCausalLM.from_pretrained(pre8, device_map=dm, dtype=torch.bfloat16)
+    elif case == "fq_pre8":
+        m = fastq.load(pre8, None, dm, dtype=torch.bfloat16, progress=False)
+    elif case == "tf_plain":
+        m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, device_map=dm, dtype=torch.bfloat16)
+    elif case == "fq_plain":
+        m = fastq.load(ckpt, None, dm, dtype=torch.bfloat16, progress=False)
+    elif case == "st_plain":
+        from safetensors.torch import load_file
+
+        n = sum(v.numel() for f in sorted(ckpt.glob("*.safetensors")) for v in load_file(f, device="cuda:0").values())
+        torch.cuda.synchronize()
+        return {"case": case, "load_s": time.perf_counter() - t, "rss_gb": _rss(), "elements": n}
+    elif case == "cold_tf_nf4":
+        m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb4, device_map=dm, dtype=torch.bfloat16)
+    elif case == "cold_fq_nf4":
+        m = fastq.load(ckpt, bnb4, dm, dtype=torch.bfloat16, progress=False)
     elif case == "tf_pre":
         m = transformers.AutoModelForCausalLM.from_pretrained(pre, device_map=dm, dtype=torch.bfloat16)
     elif case == "fq_pre":
@@ -128,7 +159,16 @@ def run_case(case: str, ckpt: Path, pre: Path, out: Path) -> dict:
         raise SystemExit(f"unknown case {case}")
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t
+    anon_peak = sampler.stop()
     gpu_peak = torch.cuda.max_memory_allocated() / 1e9
+    gpu_reserved = torch.cuda.max_memory_reserved() / 1e9
+    gpu_after = torch.cuda.memory_allocated() / 1e9
+    extra = {"anon_peak_gb": anon_peak, "gpu_reserved_peak_gb": gpu_reserved, "gpu_allocated_after_gb": gpu_after}
+    tl = fastq.transfer.LAST_TIMELINE.timeline if case.startswith(("fq", "cold_fq")) else None
+    if tl is not None:
+        extra["phases"] = tl.phases()
+        extra["ring"] = tl.summary()
+        extra["spans"] = tl.spans()
     ids = torch.arange(1, 65, device="cuda").unsqueeze(0) * 37 % 32000
     with torch.no_grad():
         logits = m(ids).logits[0, -1].float().cpu()
@@ -153,7 +193,10 @@ def run_case(case: str, ckpt: Path, pre: Path, out: Path) -> dict:
             d["SCB"] = _sha(w.SCB)
         digests[name] = d
     (out / f"digests_{case}.json").write_text(json.dumps(digests))
-    return {"case": case, "load_s": load_s, "gpu_peak_gb": gpu_peak, "rss_gb": _rss(), "rss_base_gb": base_rss,
+    spans = extra.pop("spans", None)
+    if spans is not None:
+        (out / f"timeline_{case}.json").write_text(json.dumps(spans))
+    return {**extra, "case": case, "load_s": load_s, "gpu_peak_gb": gpu_peak, "rss_gb": _rss(), "rss_base_gb": base_rss,
             "tok_s": tok_s, "tokens": gen[0, 8:24].tolist(), "footprint_gb": m.get_memory_footprint() / 1e9}
 
 
@@ -168,6 +211,49 @@ def _rss_now() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
+class _AnonSampler:
+    """Peak anonymous resident memory of this process (RssAnon, sampled every 5 ms), in GB."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.done = 0, False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _read(self) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self.done:
+            self.peak = max(self.peak, self._read())
+            time.sleep(0.005)
+
+    def stop(self) -> float:
+        self.done = True
+        self.t.join()
+        return max(self.peak, self._read()) / 1e9
+
+
+def drop_cache(path: Path) -> None:
+    """Drops the folder's files from the page cache (fadvise; and drop_caches where allowed)."""
+    for f in path.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        pass
+
+
 def _rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
@@ -177,22 +263,31 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/fastq-gpu")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--cases", nargs="*", default=["tf_nf4", "fq_nf4", "tf_int8", "fq_int8", "fq_convert", "tf_pre", "fq_pre"])
+    ap.add_argument("--cases", nargs="*", default=[
+        "st_plain", "tf_plain", "fq_plain", "tf_nf4", "fq_nf4", "fq_nf4_cpu", "tf_int8", "fq_int8", "fq_convert",
+        "tf_pre", "fq_pre", "fq_convert8", "tf_pre8", "fq_pre8", "cold_tf_nf4", "cold_fq_nf4"])
     ap.add_argument("--case")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
-    ckpt, pre = work / "llama7b", work / "llama7b-nf4"
+    ckpt, pre, pre8 = work / "llama7b", work / "llama7b-nf4", work / "llama7b-int8"
     if args.case:
-        print("RESULT " + json.dumps(run_case(args.case, ckpt, pre, out)), flush=True)
+        print("RESULT " + json.dumps(run_case(args.case, ckpt, pre, pre8, out)), flush=True)
         return
     import torch
 
     t = time.perf_counter()
     make_checkpoint(ckpt, args.layers)
     print(f"checkpoint ready in {time.perf_counter() - t:.1f} s; GPU {torch.cuda.get_device_name()}", flush=True)
-    results = []
+    results, warmed = [], {}
     for case in args.cases:
-        bw = warm(ckpt) if case != "fq_pre" and case != "tf_pre" else warm(pre)
+        folder = pre if case in ("tf_pre", "fq_pre") else pre8 if case in ("tf_pre8", "fq_pre8") else ckpt
+        if folder not in warmed or case.startswith("cold_"):  # the 128 GB page cache holds all three folders
+            warmed[folder] = warm(folder)
+        bw = warmed[folder]
+        if case.startswith("cold_"):
+            warmed.pop(folder)
+            drop_cache(folder)
+            bw = 0.0
         p = subprocess.run([sys.executable, __file__, "--work", str(work), "--out", str(out), "--case", case],
                            capture_output=True, text=True, timeout=900, check=False)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -205,7 +300,9 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     (out / "gpu_results.json").write_text(json.dumps(results, indent=1))
     by = {r["case"]: r for r in results}
-    for a, b in (("tf_nf4", "fq_nf4"), ("tf_int8", "fq_int8"), ("tf_pre", "fq_pre"), ("tf_nf4", "fq_pre")):
+    for a, b in (("tf_nf4", "fq_nf4"), ("tf_nf4", "fq_nf4_cpu"), ("tf_int8", "fq_int8"), ("tf_pre", "fq_pre"),
+                 ("tf_nf4", "fq_pre"), ("tf_pre8", "fq_pre8"), ("tf_plain", "fq_plain"),
+                 ("cold_tf_nf4", "cold_fq_nf4")):
         if a in by and b in by:
             la, lb = torch.load(out / f"logits_{a}.pt"), torch.load(out / f"logits_{b}.pt")
             print(f"{a} vs {b}: load {by[a]['load_s']:.2f}s vs {by[b]['load_s']:.2f}s "
@@ -218,10 +315,15 @@ def main() -> None:
                 total = sum(1 for k in da if field in da[k])
                 if total:
                     print(f"  {field}: {same}/{total} modules byte-identical")
-    print("case        load_s  gpu_peak_GB  host_rss_peak_GB (base)  tok/s")
+    print("case         load_s  gpu_peak/reserved/after_GB  anon_peak_GB  rss_peak_GB  tok/s  phases / ring")
     for r in results:
-        print(f"{r['case']:<11} {r['load_s']:6.2f}  {r.get('gpu_peak_gb', 0):11.2f}  {r['rss_gb']:8.2f} "
-              f"({r.get('rss_base_gb', 0):.2f})  {r.get('tok_s', 0):5.1f}")
+        ring = r.get("ring", {})
+        ring_s = " ".join(f"{k}:{v['busy_s']:.2f}s@{v.get('GBps', 0):.0f}GB/s[{v['start']:.2f}-{v['end']:.2f}]"
+                          for k, v in ring.items())
+        ph = " ".join(f"{k}={v:.2f}" for k, v in r.get("phases", {}).items())
+        print(f"{r['case']:<12} {r['load_s']:6.2f}  {r.get('gpu_peak_gb', 0):6.2f}/{r.get('gpu_reserved_peak_gb', 0):6.2f}/"
+              f"{r.get('gpu_allocated_after_gb', 0):6.3f}  {r.get('anon_peak_gb', 0):8.2f}  {r['rss_gb']:8.2f}  "
+              f"{r.get('tok_s', 0):5.1f}  {ph} {ring_s}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ class Checkpoint:
             for name, dtype, shape, file, nbytes in self._ck.tensors()
         }
 
+    @property
+    def native(self):
+        """The extension's checkpoint object (for the binding's readers)."""
+        return self._ck
+
     def __contains__(self, name: str) -> bool:
         return name in self._meta
 

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 from . import device_map as dmap_mod
+from . import transfer
 from .checkpoint import Checkpoint
 from .config import QuantConfig
+from .device_fill import cuda_device, fill_on_device
 from .errors import ConfigError, MissingFileError
 from .modules import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .plan import Plan, check_complete, make_plan
@@ -223,6 +225,7 @@ def load(
     trust_remote_code: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    quantize_on: str = "auto",
 ) -> torch.nn.Module:
     """Loads a checkpoint as a (quantized) model on its devices.
 
@@ -244,10 +247,16 @@ def load(
         trust_remote_code: passed to transformers when building the model from its config.
         progress: show a progress bar over bytes.
         threads: quantization threads (default: ``FASTQ_NUM_THREADS`` or every core).
+        quantize_on: where weights bound for a GPU are quantized: "device" (bitsandbytes' CUDA kernels,
+            the bytes transformers gives on that GPU), "cpu" (fastq's Rust kernels, then copied), or
+            "auto" (the device when it is a GPU). Weights for the CPU are always quantized on the CPU.
 
     Returns:
         The model, in eval mode, with bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers.
     """
+    if quantize_on not in ("auto", "cpu", "device"):
+        raise ConfigError(f'quantize_on={quantize_on!r}: use "auto", "cpu" or "device"')
+    timeline = transfer.LAST_TIMELINE.reset()
     src = Source(path)
     raw_config = src.raw_config()
     qcfg, prequantized = _quant_config(cfg, raw_config)
@@ -262,12 +271,15 @@ def load(
     # A checkpoint read in place on the CPU (pre-quantized or plain) is made resident in the background,
     # with the GIL released, while the model skeleton is built below.
     prefetch = _prefetch(ckpt, threads) if (prequantized or qcfg is None) and _cpu_only(device_map) else None
+    if not _cpu_only(device_map) and torch.cuda.is_available():
+        transfer.prefetch_ring()  # pinning the ring overlaps building the skeleton
     caller_model = model is not None
     if model is None:
         if src.config_path is None:
             raise ConfigError(f"{src.path}: no config.json beside the weights; pass model= (an empty model)")
         model = build_empty(src.folder, dtype, trust_remote_code)
     hfq = _replace_modules(model, qcfg, device_map, dtype) if qcfg is not None else None
+    timeline.mark("skeleton")
     dmap = dmap_mod.resolve(model, device_map, max_memory, hfq)
     if qcfg is not None:
         quantized = _quantized_modules(model)
@@ -284,15 +296,20 @@ def load(
                 )
             return load(
                 path, qcfg, dmap, model=None, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
-                trust_remote_code=trust_remote_code, progress=progress, threads=threads,
+                trust_remote_code=trust_remote_code, progress=progress, threads=threads, quantize_on=quantize_on,
             )
         dmap_mod.check_offload(dmap, quantized, qcfg.llm_int8_enable_fp32_cpu_offload)
     plan = _plan(model, ckpt, src, dtype, qcfg, prequantized, cast)
     if prefetch is not None:
         prefetch.join()
-    offload_index = _fill(model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads, prefetch is not None)
+    timeline.mark("plan")
+    offload_index = _fill(
+        model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads, prefetch is not None, quantize_on != "cpu"
+    )
+    timeline.mark("fill")
     _raise_glibc_mmap_threshold()
     _finalize(model, plan, dmap, hfq, qcfg, offload_folder, offload_index)
+    timeline.mark("finalize")
     return model
 
 
@@ -369,11 +386,21 @@ def _prefetch(ckpt: Checkpoint, threads) -> threading.Thread:
 
 def _fill(
     model, ckpt: Checkpoint, plan: Plan, dmap: dict, qcfg, offload_folder, progress: bool, threads,
-    resident_already: bool = False,
+    resident_already: bool = False, quantize_on_device: bool = True,
 ):
-    """Places every tensor. The Rust pipeline quantizes in the background while the unquantized tensors
-    are placed here; packed results are installed as they arrive."""
+    """Places every tensor. Tensors bound for a GPU stream through the pinned ring (device_fill.py),
+    quantized there unless asked otherwise; for the rest, the Rust pipeline quantizes in the background
+    while the unquantized tensors are placed here; packed results are installed as they arrive."""
     from tqdm.auto import tqdm
+
+    bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="fastq.load", disable=not progress)
+    if any(cuda_device(v) is not None for v in dmap.values()):
+        left = fill_on_device(
+            model, ckpt, [e for e in plan.entries if e.kind != "tied"], dmap, qcfg.spec if qcfg else None,
+            quantize=quantize_on_device, threads=threads, timeline=transfer.LAST_TIMELINE.timeline,
+            on_placed=lambda e: bar.update(e.nbytes),
+        )
+        plan = Plan(left, plan.missing, plan.unused)
 
     # Every weight streams through the Rust pipeline; one stored in another dtype than the one it is
     # quantized from (a float32 checkpoint loaded as bfloat16) is cast there first (plan.Entry.dtype).
@@ -391,7 +418,6 @@ def _fill(
     ]
     if resident and not resident_already:
         ckpt.populate(resident, threads=threads)
-    bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="fastq.load", disable=not progress)
     offload_index: dict = {}
     try:
         for e in plan.by_kind("plain"):

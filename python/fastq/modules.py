@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .transfer import to_device
+
 __all__ = ["get_submodule", "prequantized_4bit", "prequantized_int8", "set_4bit", "set_int8", "set_plain", "to_device"]
 
 
@@ -19,18 +21,6 @@ def _device(device) -> torch.device:
     if isinstance(device, int):
         return torch.device("cuda", device)
     return torch.device(device)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``. A host tensor bound for a GPU is staged through pinned memory and copied
-    asynchronously on the current stream, so the DMA overlaps the placing of the next tensor; torch's
-    caching host allocator keeps the staging block until the copy completes (``_finalize`` of the loader
-    synchronizes before returning the model)."""
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    staged.copy_(t)
-    return staged.to(device, non_blocking=True)
 
 
 def set_4bit(module, packed: torch.Tensor, state, device) -> None:

@@ -8,6 +8,7 @@ pub mod error;
 pub mod pack;
 pub mod pipeline;
 pub mod quant;
+pub mod staging;
 pub mod writer;
 
 pub use checkpoint::{Checkpoint, TensorInfo};

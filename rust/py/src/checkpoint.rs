@@ -17,7 +17,7 @@ use crate::packed::{spec_from_py, to_dict};
 /// An opened checkpoint (one file, an indexed folder, or a folder of shards).
 #[pyclass(module = "fastq._fastq", frozen)]
 pub struct Checkpoint {
-    inner: Arc<fastq::Checkpoint>,
+    pub(crate) inner: Arc<fastq::Checkpoint>,
 }
 
 #[pymethods]

@@ -19,6 +19,7 @@ mod convert;
 mod errors;
 mod ops;
 mod packed;
+mod staging;
 
 #[pymodule]
 fn _fastq(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -26,6 +27,8 @@ fn _fastq(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<buffer::Buffer>()?;
     m.add_class::<checkpoint::Checkpoint>()?;
     m.add_class::<checkpoint::QuantizeIter>()?;
+    m.add_class::<staging::Reader>()?;
+    m.add_class::<staging::ReadTicket>()?;
     m.add_function(wrap_pyfunction!(ops::quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(ops::quantize_int8, m)?)?;
     m.add_function(wrap_pyfunction!(ops::quantize_nested_blockwise, m)?)?;

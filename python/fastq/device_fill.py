@@ -1,0 +1,132 @@
+"""The GPU fill: every tensor bound for a CUDA device goes through the pinned ring (transfer.py) into
+device memory, and weights to quantize are quantized there by bitsandbytes' own CUDA kernels, the
+calls transformers makes (``Params4bit._quantize``: ``quantize_4bit`` with compress_statistics;
+``Int8Params._quantize``: float16, then ``int8_vectorwise_quant``). The bytes are then those of
+transformers + bitsandbytes on the same GPU by construction, double-quant offsets and int8 included.
+
+Pre-quantized tensors (fastq's and transformers' checkpoints) and unquantized ones take the same
+ring straight into their parameters: no per-tensor copy from pageable memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import device_map as dmap_mod
+from .checkpoint import SPEC_INT8
+from .modules import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
+from .transfer import Request, Timeline, stream_to_device
+
+__all__ = ["cuda_device", "fill_on_device"]
+
+
+def cuda_device(dev) -> torch.device | None:
+    """The CUDA device a device-map value names, or None for the CPU and disk."""
+    if isinstance(dev, int):
+        return torch.device("cuda", dev)
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        d = torch.device(dev)
+        return d if d.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def _weight(ckpt, name: str, buf: torch.Tensor) -> torch.Tensor:
+    """The device bytes ``buf`` of checkpoint tensor ``name`` as a tensor of its dtype and shape."""
+    m = ckpt.meta(name)
+    return buf.view(m.torch_dtype).view(m.shape)
+
+
+def _quantize_4bit(module, w: torch.Tensor, spec, dev: torch.device) -> None:
+    import bitsandbytes.functional as bf
+
+    packed, state = bf.quantize_4bit(
+        w, blocksize=spec.blocksize, compress_statistics=spec.double_quant, quant_type=spec.quant_type,
+        quant_storage=spec.quant_storage,
+    )
+    set_4bit(module, packed, state, dev)
+
+
+def _quantize_int8(module, w: torch.Tensor, dev: torch.device) -> None:
+    import bitsandbytes.functional as bf
+
+    cb, scb, _ = bf.int8_vectorwise_quant(w.to(torch.float16))  # Int8Params._quantize's float16 step
+    set_int8(module, cb, scb, dev)
+
+
+def fill_on_device(
+    model, ckpt, entries, dmap: dict, spec, *, quantize: bool, threads=None, timeline: Timeline | None = None,
+    on_placed=None,
+) -> list:
+    """Places the plan entries whose device is a GPU through the ring.
+
+    Args:
+        model: the skeleton, bitsandbytes modules in place.
+        ckpt: the opened checkpoint.
+        entries: plan entries of any kind; those on the CPU or disk are returned untouched.
+        dmap: the resolved device map.
+        spec: the quantization spec (``Spec4bit`` or ``SPEC_INT8``), None without quantization.
+        quantize: quantize "4bit" / "int8" entries on the device; when False they are returned too.
+        threads: reader threads.
+        timeline: where to record the stages' spans.
+        on_placed: called with each entry once its tensor is in place (progress).
+
+    Returns:
+        The entries left for the host path.
+    """
+    left, by_device = [], {}
+    for e in entries:
+        dev = cuda_device(dmap_mod.device_of(e.name, dmap))
+        if dev is None or e.kind == "tied" or (e.kind in ("4bit", "int8") and not quantize):
+            left.append(e)
+        else:
+            by_device.setdefault(dev, []).append(e)
+    for dev, group in by_device.items():
+        _fill_one(model, ckpt, group, dev, spec, threads, timeline, on_placed)
+    return left
+
+
+def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, on_placed) -> None:
+    requests, parts = [], {}
+    for e in entries:
+        names = [("weight", e.source)]
+        if e.kind in ("4bit-pre", "int8-pre"):
+            names += [(k, v) for k, v in e.extra.items() if k not in ("quant_state", "weight_format")]
+        parts[id(e)] = (e, {}, len(names))
+        for part, src in names:
+            requests.append(Request((id(e), part, src), src, ckpt.meta(src).nbytes))
+
+    def on_ready(key, buf: torch.Tensor) -> None:
+        eid, part, src = key
+        e, got, need = parts[eid]
+        got[part] = _weight(ckpt, src, buf)
+        if len(got) == need:
+            del parts[eid]
+            _place(model, ckpt, e, got, dev, spec)
+            if on_placed is not None:
+                on_placed(e)
+
+    stream_to_device(ckpt, requests, dev, on_ready, threads=threads, timeline=timeline)
+
+
+def _place(model, ckpt, e, got: dict, dev: torch.device, spec) -> None:
+    w = got.pop("weight")
+    if e.kind == "plain":
+        set_plain(model, e.name, w.t() if e.transpose else w, dev, e.dtype)
+        return
+    module = get_submodule(model, e.module)
+    if e.kind in ("4bit", "int8"):
+        if e.dtype is not None:
+            w = w.to(e.dtype)  # transformers materializes the weight in the model's dtype first
+        if e.transpose:
+            w = w.t()  # GPT-2's Conv1D: transformers quantizes value.T
+        w = w.contiguous()
+        if spec == SPEC_INT8:
+            _quantize_int8(module, w, dev)
+        else:
+            _quantize_4bit(module, w, spec, dev)
+    elif e.kind == "4bit-pre":
+        qs = e.extra["quant_state"]  # "<module>.weight.quant_state.bitsandbytes__nf4": JSON, read on the host
+        got["quant_state." + qs.rpartition(".")[2]] = ckpt.get(qs)
+        prequantized_4bit(module, w, got, dev)
+    else:
+        prequantized_int8(module, w, got["SCB"], dev)

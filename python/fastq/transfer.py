@@ -1,0 +1,256 @@
+"""Host-to-device transfer: checkpoint bytes read by Rust workers straight into a ring of pinned
+buffers, copied to the GPU asynchronously, one buffer filling while the previous ones are in flight.
+
+    reader threads (Rust, pread)  ->  pinned slot k  ->  copy on the stream (DMA)  ->  device buffer
+                                                                          -> quantize there / install
+
+The ring has a few slots of pinned memory, allocated once per process and reused; a CUDA event per
+slot says when the copy out of it finished, so the slot can be refilled. No torch thread pool runs
+in the hot path (the DMA engine copies, the Rust pool reads), and nothing is copied through pageable
+memory. ``stream_to_device`` is the engine; ``Timeline`` records when each stage ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _fastq
+
+__all__ = ["LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "prefetch_ring", "ring_for", "stream_to_device", "to_device"]
+
+#: Bytes per slot and slots in the ring. With 4 x 64 MiB the readers ran dry while the Python thread
+#: quantized (reads at 34 GB/s, 16 threads); 8 slots keep seven reads queued (benches/gpu/compare.py).
+SLOT_BYTES = 64 << 20
+SLOTS = 8
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` (a plain copy; the bulk of a GPU load goes through ``stream_to_device``)."""
+    return t if t.device == device else t.to(device)
+
+
+class PinnedRing:
+    """``slots`` pinned host buffers of ``slot_bytes`` each, with the event of the last copy out of each."""
+
+    def __init__(self, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS, pin: bool = True):
+        self.slot_bytes = slot_bytes
+        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(slots)]
+        self.arrays = [b.numpy() for b in self.buffers]  # writable buffer-protocol views for Rust
+        self.events: list[torch.cuda.Event | None] = [None] * slots
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+
+_RING: PinnedRing | None = None
+_RING_LOCK = threading.Lock()
+
+
+def ring_for() -> PinnedRing:
+    """The process's ring, allocated on first use (pinning takes time: ``prefetch_ring`` overlaps it
+    with building the model skeleton)."""
+    global _RING
+    with _RING_LOCK:
+        if _RING is None:
+            _RING = PinnedRing()
+        return _RING
+
+
+def prefetch_ring() -> threading.Thread:
+    """Allocates the ring in the background (torch releases the GIL while it pins the pages)."""
+    t = threading.Thread(target=ring_for, daemon=True, name="fastq-ring")
+    t.start()
+    return t
+
+
+@dataclass
+class Request:
+    """A tensor whose bytes go to one fresh device buffer; ``key`` is handed back with the buffer."""
+
+    key: object
+    tensor: str
+    nbytes: int
+
+
+@dataclass
+class Timeline:
+    """When each stage ran: reads (host clock), copies and device work (CUDA events), in seconds
+    from ``t0``. ``summary()`` gives busy time and bytes per stage."""
+
+    t0: float = field(default_factory=time.time)
+    reads: list[tuple[float, float, int]] = field(default_factory=list)
+    copies: list[tuple[object, object, int]] = field(default_factory=list)
+    work: list[tuple[object, object]] = field(default_factory=list)
+    base: object | None = None
+    base_time: float = 0.0
+    marks: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, phase: str) -> None:
+        """Records that ``phase`` of the load ended now (host clock)."""
+        self.marks.append((phase, time.time()))
+
+    def phases(self) -> dict[str, float]:
+        """Seconds spent in each marked phase (from the previous mark, the first from ``t0``)."""
+        out, last = {}, self.t0
+        for name, t in self.marks:
+            out[name] = out.get(name, 0.0) + t - last
+            last = t
+        return out
+
+    def spans(self) -> dict[str, list[tuple[float, float]]]:
+        """Every span per stage, in seconds from ``t0`` (device events are synchronized first)."""
+        out: dict[str, list[tuple[float, float]]] = {"read": [(a - self.t0, b - self.t0) for a, b, _ in self.reads]}
+        if self.base is not None:
+            self.base.synchronize()
+            off = self.base_time - self.t0
+
+            def rel(ev) -> float:
+                return off + self.base.elapsed_time(ev) / 1e3
+
+            out["copy"] = [(rel(a), rel(b)) for a, b, _ in self.copies]
+            out["device"] = [(rel(a), rel(b)) for a, b in self.work]
+        return out
+
+    def summary(self) -> dict:
+        """Per stage: first start, last end, busy seconds (union of spans), bytes and GB/s over busy time."""
+        res = {}
+        nbytes = {"read": sum(n for *_, n in self.reads), "copy": sum(n for *_, n in self.copies)}
+        for stage, spans in self.spans().items():
+            if not spans:
+                continue
+            busy, end = 0.0, -1e30
+            for a, b in sorted(spans):
+                a = max(a, end)
+                if b > a:
+                    busy += b - a
+                end = max(end, b)
+            d = {"start": min(a for a, _ in spans), "end": max(b for _, b in spans), "busy_s": busy}
+            if stage in nbytes:
+                d["GB"] = nbytes[stage] / 1e9
+                d["GBps"] = nbytes[stage] / busy / 1e9 if busy > 0 else 0.0
+            res[stage] = d
+        return res
+
+
+class _Last:
+    """The timeline of the last GPU fill in this process (benches/gpu reads it)."""
+
+    timeline: Timeline | None = None
+
+    def reset(self) -> Timeline:
+        self.timeline = Timeline()
+        return self.timeline
+
+
+LAST_TIMELINE = _Last()
+
+
+def _batches(requests: list[Request], slot_bytes: int):
+    """Splits the requests into slot-sized batches of pieces ``(request index, offset, len, slot offset)``;
+    a tensor larger than a slot spans several batches."""
+    batch, used = [], 0
+    for i, r in enumerate(requests):
+        if r.nbytes == 0:
+            batch.append((i, 0, 0, used))
+            continue
+        off = 0
+        while off < r.nbytes:
+            if used == slot_bytes:
+                yield batch
+                batch, used = [], 0
+            n = min(r.nbytes - off, slot_bytes - used)
+            batch.append((i, off, n, used))
+            used += n
+            off += n
+    if batch:
+        yield batch
+
+
+def stream_to_device(
+    ckpt,
+    requests: Iterable[Request],
+    device: torch.device,
+    on_ready: Callable[[object, torch.Tensor], None],
+    *,
+    threads: int | None = None,
+    ring: PinnedRing | None = None,
+    timeline: Timeline | None = None,
+) -> None:
+    """Moves the bytes of every request to ``device``, in order; calls ``on_ready(key, buffer)`` with a
+    uint8 device tensor of the request's bytes as soon as its copies are queued on the current stream
+    (work the callback queues on that stream runs after them). Returns when every copy is queued; the
+    caller synchronizes before handing the results to a user."""
+    requests = list(requests)
+    if not requests:
+        return
+    cuda = device.type == "cuda"  # a CPU "device" runs the same steps synchronously (tests)
+    ring = ring or (ring_for() if cuda else PinnedRing(slot_bytes=1 << 20, pin=False))
+    reader = _fastq.Reader(ckpt.native, threads)
+    stream = torch.cuda.current_stream(device) if cuda else None
+    if not cuda:
+        timeline = None
+    if timeline is not None and timeline.base is None:
+        timeline.base = torch.cuda.Event(enable_timing=True)
+        timeline.base.record(stream)
+        timeline.base_time = time.time()
+    batches = list(_batches(requests, ring.slot_bytes))
+    buffers: dict[int, torch.Tensor] = {}
+    remaining = [r.nbytes for r in requests]
+    tickets: deque = deque()
+
+    def submit(k: int) -> None:
+        slot = k % len(ring)
+        ev = ring.events[slot]
+        if ev is not None:
+            ev.synchronize()  # the copy out of this slot has finished (GIL released by torch)
+        pieces = [(requests[i].tensor, off, n, at) for i, off, n, at in batches[k]]
+        tickets.append(reader.submit(pieces, ring.arrays[slot]))
+
+    ahead = len(ring) - 1
+    for k in range(min(ahead, len(batches))):
+        submit(k)
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+        for j, batch in enumerate(batches):
+            ticket = tickets.popleft()
+            ticket.wait()
+            slot = j % len(ring)
+            host = ring.buffers[slot]
+            if timeline is not None:
+                a, b = ticket.times()
+                timeline.reads.append((a, b, sum(n for _, _, n, _ in batch)))
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+            finished = []
+            for i, off, n, at in batch:
+                buf = buffers.get(i)
+                if buf is None:
+                    buf = buffers[i] = torch.empty(requests[i].nbytes, dtype=torch.uint8, device=device)
+                if n:
+                    buf[off : off + n].copy_(host[at : at + n], non_blocking=True)
+                remaining[i] -= n
+                if remaining[i] == 0:
+                    finished.append(i)
+            ev = torch.cuda.Event(enable_timing=timeline is not None) if cuda else None
+            if ev is not None:
+                ev.record(stream)
+            ring.events[slot] = ev
+            if timeline is not None:
+                timeline.copies.append((start, ev, sum(n for _, _, n, _ in batch)))
+            if j + ahead < len(batches):
+                submit(j + ahead)
+            if finished and timeline is not None:
+                w0 = torch.cuda.Event(enable_timing=True)
+                w0.record(stream)
+            for i in finished:
+                on_ready(requests[i].key, buffers.pop(i))
+            if finished and timeline is not None:
+                w1 = torch.cuda.Event(enable_timing=True)
+                w1.record(stream)
+                timeline.work.append((w0, w1))
