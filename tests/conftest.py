@@ -33,6 +33,24 @@ FAMILIES = {
 }
 
 
+#: Variables of the caller's environment that would change what the tests exercise, without a word:
+#: FASTQ_NUM_THREADS makes every run with the default thread count single-threaded (or oversubscribed),
+#: so the multi-threaded paths the "default threads" tests compare against go untested; PYTHONWARNINGS
+#: turns the subprocesses' warnings into errors or hides them (this process's filters come from
+#: pyproject.toml, not from it).
+CALLER_VARIABLES = ("FASTQ_NUM_THREADS", "PYTHONWARNINGS")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def independent_of_the_caller():
+    """The suite runs with none of ``CALLER_VARIABLES`` set, in this process (the Rust core reads
+    FASTQ_NUM_THREADS at each call) and in the processes the tests start."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in CALLER_VARIABLES:
+            mp.delenv(name, raising=False)
+        yield
+
+
 def auto_class(family: str):
     """The transformers auto class that loads a saved ``family`` model."""
     import transformers

@@ -326,9 +326,20 @@ def manifest_shards(tmp: Path) -> int:
         return 0
 
 
+#: ``python -m fastq`` with Python's Ctrl-C handler installed, however the tests were started. A process
+#: started with SIGINT ignored (a background job of a non-interactive shell:
+#: ``bash -c "trap '' INT; make test-py"``) passes that on to its children, and Python installs no
+#: KeyboardInterrupt handler in a child that starts with SIGINT ignored; from a terminal it does.
+CLI = (
+    "import runpy, signal\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "runpy.run_module('fastq', run_name='__main__', alter_sys=True)\n"
+)
+
+
 def start_cli(*args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.Popen([sys.executable, "-m", "fastq", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", CLI, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
