@@ -36,7 +36,7 @@ import transformers
 from conftest import FAMILIES, VOCAB, auto_class
 from fastq import _fastq
 from fastq.convert import temp_folder
-from fastq.save import UnsavableModelError
+from fastq.errors import UnsavableModelError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BitsAndBytesConfig

@@ -8,18 +8,21 @@ from . import ops
 from ._fastq import __version__
 from .checkpoint import SPEC_INT8, Checkpoint, Spec4bit, TensorMeta, open
 from .config import QuantConfig
-from .convert import ConversionLockedError, OutputExistsError, convert
+from .convert import convert
 from .errors import (
     ConfigError,
+    ConversionLockedError,
     FastqError,
     FastqIOError,
     HeaderError,
     InvalidArgumentError,
     MissingFileError,
     NonFiniteError,
+    OutputExistsError,
     ShapeError,
     TruncatedShardError,
     UnknownTensorError,
+    UnsavableModelError,
     UnsupportedDtypeError,
 )
 from .loader import load, load_and_quantize_model
@@ -43,6 +46,7 @@ __all__ = [
     "TensorMeta",
     "TruncatedShardError",
     "UnknownTensorError",
+    "UnsavableModelError",
     "UnsupportedDtypeError",
     "__version__",
     "convert",

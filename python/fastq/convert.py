@@ -25,9 +25,9 @@ import torch
 
 from . import _fastq
 from .config import QuantConfig
-from .errors import ConfigError, FastqError
+from .errors import ConfigError, ConversionLockedError, OutputExistsError
 
-__all__ = ["ConversionLockedError", "OutputExistsError", "Outputs", "convert", "parse_size", "plan_outputs", "temp_folder"]
+__all__ = ["Outputs", "convert", "parse_size", "plan_outputs", "temp_folder"]
 
 #: Extensions of weight files that are not copied beside the converted shards.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
@@ -37,14 +37,6 @@ _TORCH_TO_ST = {
     torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
     torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
-
-
-class OutputExistsError(FastqError, FileExistsError):
-    """The destination exists and ``overwrite`` was not asked for."""
-
-
-class ConversionLockedError(FastqError, BlockingIOError):
-    """Another conversion is writing into the same temporary folder."""
 
 
 def parse_size(size: int | str) -> int:

@@ -1,19 +1,23 @@
-"""fastq's exceptions. Every error the Rust core raises lands in one of these; each carries ``path``
-(the file) and ``tensor`` (the tensor name) where the error has them."""
+"""fastq's exceptions, every one of them (``fastq`` re-exports each). Every error the Rust core raises
+lands in one of these; each carries ``path`` (the file) and ``tensor`` (the tensor name) where the error
+has them."""
 
 from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ConversionLockedError",
     "FastqError",
     "FastqIOError",
     "HeaderError",
     "InvalidArgumentError",
     "MissingFileError",
     "NonFiniteError",
+    "OutputExistsError",
     "ShapeError",
     "TruncatedShardError",
     "UnknownTensorError",
+    "UnsavableModelError",
     "UnsupportedDtypeError",
 ]
 
@@ -66,3 +70,15 @@ class InvalidArgumentError(FastqError, ValueError):
 
 class ConfigError(FastqError, ValueError):
     """An invalid quantization configuration."""
+
+
+class OutputExistsError(FastqError, FileExistsError):
+    """The destination exists and ``overwrite`` was not asked for."""
+
+
+class ConversionLockedError(FastqError, BlockingIOError):
+    """Another conversion is writing into the same temporary folder."""
+
+
+class UnsavableModelError(FastqError, ValueError):
+    """The model's quantized state cannot be saved faithfully any more."""

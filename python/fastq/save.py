@@ -19,14 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .convert import OutputExistsError, _commit, parse_size, temp_folder
-from .errors import FastqError
+from .convert import _commit, parse_size, temp_folder
+from .errors import OutputExistsError, UnsavableModelError
 
-__all__ = ["UnsavableModelError", "save"]
-
-
-class UnsavableModelError(FastqError, ValueError):
-    """The model's quantized state cannot be saved faithfully any more."""
+__all__ = ["save"]
 
 
 def _check_not_repacked(model: torch.nn.Module) -> None:
