@@ -35,7 +35,7 @@ import torch
 import transformers
 from conftest import FAMILIES, VOCAB, auto_class
 from fastq import _fastq
-from fastq.convert import temp_folder
+from fastq.atomic import temp_folder
 from fastq.errors import UnsavableModelError
 from safetensors import safe_open
 from safetensors.torch import save_file

@@ -13,7 +13,6 @@ match it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -24,10 +23,11 @@ from pathlib import Path
 import torch
 
 from . import _fastq
+from .atomic import FolderLock, clear, commit, remove_unless_locked, temp_folder
 from .config import QuantConfig
-from .errors import ConfigError, ConversionLockedError, OutputExistsError
+from .errors import ConfigError, OutputExistsError
 
-__all__ = ["Outputs", "convert", "parse_size", "plan_outputs", "temp_folder"]
+__all__ = ["Outputs", "convert", "parse_size", "plan_outputs"]
 
 #: Extensions of weight files that are not copied beside the converted shards.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
@@ -187,35 +187,6 @@ def _source_fingerprint(ckpt) -> list:
     return out
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Lock:
-    """An exclusive lock on the temporary folder, so two conversions never write into it at once."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise ConversionLockedError(f"{folder}: another conversion is writing here") from None
-
-    def release(self, remove: bool = False) -> None:
-        if self.fd is not None:
-            if remove:
-                self.path.unlink(missing_ok=True)
-            os.close(self.fd)
-            self.fd = None
-
-
 def _progress_bar(enabled: bool, desc: str):
     """A progress callback for the Rust writer (bytes read, rate and time left through tqdm)."""
     from tqdm.auto import tqdm
@@ -301,34 +272,6 @@ def _write_index(tmp: Path, result: dict, total_parameters: int) -> None:
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _commit(tmp: Path, dst: Path, overwrite: bool, fsync: bool) -> None:
-    """Renames the finished temporary folder into place (the only moment DST appears)."""
-    if fsync:
-        for p in tmp.iterdir():
-            if p.is_file() and not p.name.endswith(".safetensors"):  # shards were synced by the writer
-                _fsync_path(p)
-        _fsync_path(tmp, directory=True)
-    trash = None
-    if dst.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{dst} appeared while converting; the result is kept in {tmp}")
-        trash = dst.parent / f".{dst.name}.fastq-old"
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.rename(dst, trash)
-    os.rename(tmp, dst)
-    if fsync:
-        _fsync_path(dst.parent, directory=True)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def temp_folder(dst: str | os.PathLike) -> Path:
-    """The temporary sibling folder a conversion to ``dst`` writes into."""
-    dst = Path(dst).absolute()
-    return dst.parent / f".{dst.name}.fastq-tmp"
-
-
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -389,14 +332,12 @@ def convert(
         "max_shard_size": limit,
     }
     tmp = temp_folder(dst)
-    lock = _Lock(tmp)
+    lock = FolderLock(tmp)
     update, close_bar = _progress_bar(progress, "fastq convert")
     committed = False
     try:
         if not resume:
-            for p in tmp.iterdir():
-                if p.name != ".lock":
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            clear(tmp)
         try:
             result = _fastq.convert(
                 prepared.ckpt.path, os.fspath(tmp), outputs.jobs, outputs.outputs, limit,
@@ -407,7 +348,7 @@ def convert(
         _write_index(tmp, result, outputs.total_parameters)
         _write_side_files(prepared, tmp, outputs, qcfg)
         lock.release(remove=True)
-        _commit(tmp, dst, overwrite, fsync)
+        commit(tmp, dst, overwrite, fsync)
         committed = True
     except KeyboardInterrupt:
         print(f"fastq convert: interrupted; finished shards are kept in {tmp} (run again with --resume)", file=sys.stderr)
@@ -427,9 +368,4 @@ def _drop_if_empty(tmp: Path) -> None:
     except (OSError, ValueError):
         shards = {}
     if not shards and tmp.is_dir():
-        try:
-            with open(tmp / ".lock", "a") as f:  # not while another run holds it
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
+        remove_unless_locked(tmp)  # not while another run holds it

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .convert import _commit, parse_size, temp_folder
+from .atomic import commit, fsync_path, temp_folder
+from .convert import parse_size
 from .errors import OutputExistsError, UnsavableModelError
 
 __all__ = ["save"]
@@ -94,12 +95,8 @@ def save(
         if fsync:
             for p in tmp.iterdir():
                 if p.is_file():
-                    fd = os.open(p, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-        _commit(tmp, dst, overwrite, fsync)
+                    fsync_path(p)
+        commit(tmp, dst, overwrite, fsync)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
