@@ -125,6 +125,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, estimate: bool = True, verify
         ``quantization`` (None or a description), ``memory`` ({"as stored", "4-bit nf4", ...}), and
         ``manifest`` where one exists.
     """
+    from .bnb_format import SCB, quant_state_type
     from .checkpoint import Checkpoint
     from .config import QuantConfig
 
@@ -139,8 +140,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, estimate: bool = True, verify
         d["bytes"] += m.nbytes
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     keys = ckpt.keys()
-    packed = Counter(k.rpartition("__")[2] for k in keys if ".quant_state.bitsandbytes__" in k)
-    scb = sum(1 for k in keys if k.endswith(".SCB"))
+    packed = Counter(t for t in map(quant_state_type, keys) if t is not None)
+    scb = sum(1 for k in keys if k.endswith("." + SCB))
     quant = None
     qc = config.get("quantization_config")
     if qc or packed or scb:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import device_map as dmap_mod
+from .bnb_format import QUANT_STATE, SCB, WEIGHT_FORMAT, quant_state_stat
 from .checkpoint import SPEC_INT8
 from .modules import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .transfer import Request, Timeline, stream_to_device
@@ -90,7 +91,7 @@ def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, 
     for e in entries:
         names = [("weight", e.source)]
         if e.kind in ("4bit-pre", "int8-pre"):
-            names += [(k, v) for k, v in e.extra.items() if k not in ("quant_state", "weight_format")]
+            names += [(k, v) for k, v in e.extra.items() if k not in (QUANT_STATE, WEIGHT_FORMAT)]
         parts[id(e)] = (e, {}, len(names))
         for part, src in names:
             requests.append(Request((id(e), part, src), src, ckpt.meta(src).nbytes))
@@ -125,8 +126,8 @@ def _place(model, ckpt, e, got: dict, dev: torch.device, spec) -> None:
         else:
             _quantize_4bit(module, w, spec, dev)
     elif e.kind == "4bit-pre":
-        qs = e.extra["quant_state"]  # "<module>.weight.quant_state.bitsandbytes__nf4": JSON, read on the host
-        got["quant_state." + qs.rpartition(".")[2]] = ckpt.get(qs)
+        qs = e.extra[QUANT_STATE]  # "<module>.weight.quant_state.bitsandbytes__nf4": JSON, read on the host
+        got[quant_state_stat(qs)] = ckpt.get(qs)
         prequantized_4bit(module, w, got, dev)
     else:
-        prequantized_int8(module, w, got["SCB"], dev)
+        prequantized_int8(module, w, got[SCB], dev)

@@ -25,6 +25,7 @@ import torch
 
 from . import device_map as dmap_mod
 from . import transfer
+from .bnb_format import QUANT_STATE, SCB, quant_state_stat
 from .checkpoint import Checkpoint
 from .config import QuantConfig
 from .device_fill import cuda_device, fill_on_device
@@ -435,12 +436,12 @@ def _fill(
             dev = dmap_mod.device_of(e.name, dmap)
             weight = ckpt.get(e.source)
             if e.kind == "4bit-pre":
-                stats = {k: ckpt.get(v) for k, v in e.extra.items() if k != "quant_state"}
-                qs = e.extra["quant_state"]  # "<module>.weight.quant_state.bitsandbytes__nf4"
-                stats["quant_state." + qs.rpartition(".")[2]] = ckpt.get(qs)
+                stats = {k: ckpt.get(v) for k, v in e.extra.items() if k != QUANT_STATE}
+                qs = e.extra[QUANT_STATE]  # "<module>.weight.quant_state.bitsandbytes__nf4"
+                stats[quant_state_stat(qs)] = ckpt.get(qs)
                 prequantized_4bit(module, weight, stats, dev)
             else:
-                prequantized_int8(module, weight, ckpt.get(e.extra["SCB"]), dev)
+                prequantized_int8(module, weight, ckpt.get(e.extra[SCB]), dev)
             bar.update(e.nbytes)
         for name, res in results:
             e = pending.pop(name)

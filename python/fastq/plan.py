@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .bnb_format import QUANT_STATE, QUANT_STATE_SUFFIXES, SCB, WEIGHT_FORMAT, quant_state_owner
 from .checkpoint import Checkpoint
 from .errors import FastqError, ShapeError
 
-__all__ = ["QUANT_STATE_SUFFIXES", "Entry", "Plan", "make_plan"]
-
-#: Tensors bitsandbytes saves beside a 4-bit weight (``weight.`` + one of these).
-QUANT_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+__all__ = ["Entry", "Plan", "check_complete", "make_plan"]
 
 
 @dataclass
@@ -116,8 +114,8 @@ def make_plan(
     # "<weight>.quant_state.bitsandbytes__nf4" keys by weight name (one pass, not one scan per module).
     quant_states: dict[str, list[str]] = {}
     for k in keys:
-        head, sep, _ = k.rpartition(".quant_state.bitsandbytes__")
-        if sep:
+        head = quant_state_owner(k)
+        if head is not None:
             quant_states.setdefault(head, []).append(k)
     alias = _alias_groups(model)
     dtype_of = dtype_of or {}
@@ -157,7 +155,7 @@ def make_plan(
             if pre:
                 _check_shape(name, t, ckpt.meta(pre[0]), _prequantized_shape(ckpt, pre[0]))
                 extra = {s: f"{src}.{s}" for s in QUANT_STATE_SUFFIXES if f"{src}.{s}" in keys}
-                extra["quant_state"] = pre[0]
+                extra[QUANT_STATE] = pre[0]
                 used.update(extra.values())
                 entries.append(Entry(name, mod_name, "4bit-pre", src, nbytes=meta.nbytes, extra=extra))
             else:
@@ -166,15 +164,15 @@ def make_plan(
                 entries.append(Entry(name, mod_name, "4bit", src, transpose, cast, nbytes=meta.nbytes))
             continue
         if quantized and isinstance(module, bnb.nn.Linear8bitLt):
-            scb = next((c for c in (f"{mod_name}.SCB", f"{src}.SCB") if c in keys), None)
+            scb = next((c for c in (f"{mod_name}.{SCB}", f"{src}.{SCB}") if c in keys), None)
             if scb is None and src.endswith(".weight"):
-                scb = src[: -len("weight")] + "SCB" if src[: -len("weight")] + "SCB" in keys else None
+                scb = src[: -len("weight")] + SCB if src[: -len("weight")] + SCB in keys else None
             if meta.dtype == "I8" and scb is not None:
                 _check_shape(name, t, meta, meta.shape)
-                extra = {"SCB": scb}
-                fmt = src[: -len("weight")] + "weight_format"
+                extra = {SCB: scb}
+                fmt = src[: -len("weight")] + WEIGHT_FORMAT
                 if fmt in keys:
-                    extra["weight_format"] = fmt
+                    extra[WEIGHT_FORMAT] = fmt
                 used.update(extra.values())
                 entries.append(Entry(name, mod_name, "int8-pre", src, nbytes=meta.nbytes, extra=extra))
                 continue
@@ -190,7 +188,7 @@ def make_plan(
         dt = dtype_of.get(name) or _float_dtype(t) if meta.torch_dtype.is_floating_point else None
         entries.append(Entry(name, mod_name, "plain", src, dtype=dt, nbytes=meta.nbytes))
     # Keys transformers writes that a plan consumes implicitly.
-    unused = sorted(k for k in keys - used if not k.endswith(".weight_format"))
+    unused = sorted(k for k in keys - used if not k.endswith("." + WEIGHT_FORMAT))
     return Plan(entries, missing, unused)
 
 
