@@ -25,10 +25,11 @@ from . import _fastq
 
 __all__ = ["LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "prefetch_ring", "ring_for", "stream_to_device", "to_device"]
 
-#: Bytes per slot and slots in the ring. With 4 x 64 MiB the readers ran dry while the Python thread
-#: quantized (reads at 34 GB/s, 16 threads); 8 slots keep seven reads queued (benches/gpu/compare.py).
+#: Bytes per slot and slots in the ring: 4 x 64 MiB, three reads queued while the fourth slot is
+#: copied. 8 slots were slower on the H200 (7B NF4 0.88 s against 0.67 s: pinning 512 MiB while the
+#: skeleton is built doubled that phase); BENCHMARKS.md, GPU.
 SLOT_BYTES = 64 << 20
-SLOTS = 8
+SLOTS = 4
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
