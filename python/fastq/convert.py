@@ -7,7 +7,7 @@ Rust writer streams the quantization results into sharded safetensors with the G
 
 Atomic and resumable: everything is written into ``.<DST>.fastq-tmp`` beside DST and renamed into place
 only when complete; ``fastq-manifest.json`` there records each finished shard's checksum (SHA-256 of the
-SHA-256s of its 16 MiB chunks, ``fastq.cli.shard_digest``), and ``resume=True`` keeps the shards that still
+SHA-256s of its 16 MiB chunks, ``fastq.inspect.shard_digest``), and ``resume=True`` keeps the shards that still
 match it.
 """
 
