@@ -15,7 +15,7 @@ import torch
 from . import device_map as dmap_mod
 from .bnb_format import QUANT_STATE, SCB, WEIGHT_FORMAT, quant_state_stat
 from .checkpoint import SPEC_INT8
-from .modules import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
+from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .transfer import Request, Timeline, stream_to_device
 
 __all__ = ["cuda_device", "fill_on_device"]

@@ -7,7 +7,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["STRATEGIES", "check_offload", "default_device", "device_of", "resolve"]
+__all__ = ["STRATEGIES", "check_offload", "cpu_only", "default_device", "device_of", "resolve"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -15,6 +15,13 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 def default_device() -> str:
     """The first GPU if there is one, else the CPU (what transformers picks for device_map=None)."""
     return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_only(device_map) -> bool:
+    """Whether every tensor goes to the CPU (known before the model exists: ``device_map`` as given)."""
+    if device_map is None:
+        return not torch.cuda.is_available()
+    return device_map in ("cpu", {"": "cpu"}) or device_map == torch.device("cpu")
 
 
 def _norm(value):

@@ -1,4 +1,5 @@
-"""bitsandbytes parameters built from fastq's packed buffers: nothing is quantized a second time.
+"""Installing weights: bitsandbytes parameters built from fastq's packed buffers (nothing is quantized a
+second time), pre-quantized weights as ``from_pretrained`` installs them, and plain tensors.
 
 ``Params4bit`` is created with ``bnb_quantized=True`` and its ``QuantState``; ``Int8Params`` with its
 int8 data, ``CB`` and ``SCB``. Moving them to a device moves the packed bytes and statistics only.
@@ -10,10 +11,11 @@ import torch
 
 from .transfer import to_device
 
-__all__ = ["get_submodule", "prequantized_4bit", "prequantized_int8", "set_4bit", "set_int8", "set_plain", "to_device"]
+__all__ = ["get_submodule", "prequantized_4bit", "prequantized_int8", "set_4bit", "set_int8", "set_plain"]
 
 
 def get_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """``model.get_submodule(name)``; the model itself for ``""``."""
     return model.get_submodule(name) if name else model
 
 

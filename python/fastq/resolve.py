@@ -1,0 +1,134 @@
+"""The first stage of a load: where the config and the weights are (a folder with config.json, or one
+safetensors file), which quantization applies (the one given, or the checkpoint's own
+``quantization_config`` when it is pre-quantized), and the dtype of the unquantized layers.
+
+``fastq.load`` and ``fastq.loader.prepare`` (hence ``convert`` and ``inspect``) both start here, so
+they decide alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import QuantConfig
+from .errors import ConfigError, MissingFileError
+
+__all__ = ["Inputs", "Source", "resolve_inputs"]
+
+
+class Source:
+    """Where the config and the weights are."""
+
+    def __init__(self, path: str | os.PathLike):
+        p = Path(path)
+        if not p.exists():
+            raise MissingFileError(f"{p}: no such file or folder")
+        self.path = p
+        self.folder = p if p.is_dir() else p.parent
+        self.weights = p
+        self.config_path = self.folder / "config.json" if (self.folder / "config.json").is_file() else None
+
+    def raw_config(self) -> dict:
+        return json.loads(self.config_path.read_text()) if self.config_path else {}
+
+
+@dataclass
+class Inputs:
+    """What a load starts from, resolved: the source, the opened checkpoint, the quantization config
+    (None: none), whether the checkpoint is pre-quantized, the dtype of the unquantized layers, and
+    whether every floating tensor is cast to it (a caller's model with a dtype asked for)."""
+
+    source: Source
+    ckpt: Checkpoint
+    qcfg: QuantConfig | None
+    prequantized: bool
+    dtype: torch.dtype
+    cast: bool
+
+
+def resolve_inputs(path, cfg, dtype, model: torch.nn.Module | None = None) -> Inputs:
+    """Resolves a load's source, quantization config and dtype, then opens the checkpoint.
+
+    Args:
+        path: a folder with config.json and safetensors, or one safetensors file.
+        cfg: as for ``fastq.load``.
+        dtype: as for ``fastq.load`` (None, a torch dtype, its name, or "auto").
+        model: the caller's empty model, if any: it keeps its own dtype unless one is asked for (then
+            every floating tensor is cast to it, as accelerate's load_and_quantize_model casts to
+            torch_dtype).
+
+    Returns:
+        The ``Inputs``.
+    """
+    src = Source(path)
+    raw_config = src.raw_config()
+    qcfg, prequantized = _quant_config(cfg, raw_config)
+    cast = model is not None and _explicit_dtype(dtype, qcfg)
+    if model is not None and not cast:
+        dtype = _model_dtype(model)
+    else:
+        dtype = _resolve_dtype(dtype, qcfg, raw_config)
+    ckpt = Checkpoint(src.weights)
+    return Inputs(src, ckpt, qcfg, prequantized, dtype, cast)
+
+
+def _quant_config(cfg, raw_config: dict) -> tuple[QuantConfig | None, bool]:
+    """The config to apply and whether the checkpoint is already quantized."""
+    saved = raw_config.get("quantization_config")
+    if saved and saved.get("quant_method", "bitsandbytes") == "bitsandbytes":
+        saved_cfg = QuantConfig.coerce(saved)
+        given = QuantConfig.coerce(cfg)
+        if given is not None and given != saved_cfg:
+            warnings.warn(
+                "the checkpoint is already quantized; its own quantization_config is used and the one passed "
+                "to fastq.load is ignored",
+                UserWarning,
+                stacklevel=4,  # the caller of fastq.load (here < resolve_inputs < load < caller)
+            )
+        return saved_cfg, True
+    return QuantConfig.coerce(cfg), False
+
+
+def _transformers_default_dtype() -> str | None:
+    """What ``from_pretrained`` does without ``dtype=``: transformers 5 reads config.json (``"auto"``),
+    transformers 4 used torch's default dtype (modeling_utils.py, ``from_pretrained``: ``dtype = "auto"``)."""
+    import transformers
+
+    return "auto" if int(transformers.__version__.split(".")[0]) >= 5 else None
+
+
+def _explicit_dtype(dtype, qcfg: QuantConfig | None) -> bool:
+    return dtype is not None or (qcfg is not None and qcfg.torch_dtype is not None)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype an empty model was built in (its first floating parameter's)."""
+    first = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
+    return first or torch.get_default_dtype()
+
+
+def _resolve_dtype(dtype, qcfg: QuantConfig | None, raw_config: dict) -> torch.dtype:
+    """dtype of the unquantized layers: the argument, else the config's torch_dtype, else what the installed
+    transformers' ``from_pretrained`` picks without ``dtype=`` ("auto": config.json's dtype, on transformers
+    5; torch's default, float32, on transformers 4)."""
+    if dtype is None and qcfg is not None and qcfg.torch_dtype is not None:
+        dtype = qcfg.torch_dtype
+    if dtype is None:
+        dtype = _transformers_default_dtype()
+    if dtype == "auto":
+        name = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32"
+        dtype = getattr(torch, str(name).removeprefix("torch."))
+    if dtype is None:
+        return torch.get_default_dtype()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"dtype {dtype!r} is not a torch dtype")
+    return dtype
