@@ -117,43 +117,40 @@ def run_case(case: str, ckpt: Path, pre: Path, pre8: Path, out: Path) -> dict:
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t = time.perf_counter()
-    if case == "tf_nf4":
+    kind = case.removeprefix("cold_")  # a cold case is its warm twin run after drop_cache (main)
+    if kind == "tf_nf4":
         m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb4, device_map=dm, dtype=torch.bfloat16)
-    elif case == "fq_nf4":
+    elif kind == "fq_nf4":
         m = fastq.load(ckpt, bnb4, dm, dtype=torch.bfloat16, progress=False)
-    elif case == "tf_int8":
+    elif kind == "tf_int8":
         m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb8, device_map=dm, dtype=torch.bfloat16)
-    elif case == "fq_int8":
+    elif kind == "fq_int8":
         m = fastq.load(ckpt, bnb8, dm, dtype=torch.bfloat16, progress=False)
-    elif case == "fq_convert":
+    elif kind == "fq_convert":
         fastq.convert(ckpt, pre, bnb4, progress=False, overwrite=True)
         return {"case": case, "load_s": time.perf_counter() - t, "rss_gb": _rss()}
-    elif case == "fq_nf4_cpu":
+    elif kind == "fq_nf4_cpu":
         m = fastq.load(ckpt, bnb4, dm, dtype=torch.bfloat16, progress=False, quantize_on="cpu")
-    elif case == "fq_convert8":
+    elif kind == "fq_convert8":
         fastq.convert(ckpt, pre8, bnb8, progress=False, overwrite=True)
         return {"case": case, "load_s": time.perf_counter() - t, "rss_gb": _rss()}
-    elif case == "tf_pre8":
+    elif kind == "tf_pre8":
         m = transformers.AutoModelForCausalLM.from_pretrained(pre8, device_map=dm, dtype=torch.bfloat16)
-    elif case == "fq_pre8":
+    elif kind == "fq_pre8":
         m = fastq.load(pre8, None, dm, dtype=torch.bfloat16, progress=False)
-    elif case == "tf_plain":
+    elif kind == "tf_plain":
         m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, device_map=dm, dtype=torch.bfloat16)
-    elif case == "fq_plain":
+    elif kind == "fq_plain":
         m = fastq.load(ckpt, None, dm, dtype=torch.bfloat16, progress=False)
-    elif case == "st_plain":
+    elif kind == "st_plain":
         from safetensors.torch import load_file
 
         n = sum(v.numel() for f in sorted(ckpt.glob("*.safetensors")) for v in load_file(f, device="cuda:0").values())
         torch.cuda.synchronize()
         return {"case": case, "load_s": time.perf_counter() - t, "rss_gb": _rss(), "elements": n}
-    elif case == "cold_tf_nf4":
-        m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb4, device_map=dm, dtype=torch.bfloat16)
-    elif case == "cold_fq_nf4":
-        m = fastq.load(ckpt, bnb4, dm, dtype=torch.bfloat16, progress=False)
-    elif case == "tf_pre":
+    elif kind == "tf_pre":
         m = transformers.AutoModelForCausalLM.from_pretrained(pre, device_map=dm, dtype=torch.bfloat16)
-    elif case == "fq_pre":
+    elif kind == "fq_pre":
         m = fastq.load(pre, None, dm, dtype=torch.bfloat16, progress=False)
     else:
         raise SystemExit(f"unknown case {case}")
