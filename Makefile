@@ -28,7 +28,7 @@ test-py:
 
 lint:  ## formatting and lints as CI runs them
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 	$(PY) -m ruff check python tests benches scripts
 
 bench:  ## criterion benches (quantization throughput, whole-checkpoint quantization)

@@ -55,3 +55,12 @@ def test_method_signatures_match():
             if isinstance(attr, property) or not callable(attr):
                 continue
             assert _params(node) == _runtime_params(attr), f"{cls_name}.{name}"
+
+
+def test_every_class_attribute_has_a_stub():
+    """Properties (result fields, job fields) count too: a field added in Rust needs its stub."""
+    _, classes = _stub_defs()
+    for cls_name, methods in classes.items():
+        cls = getattr(ext, cls_name)
+        public = {n for n in dir(cls) if not n.startswith("_")}
+        assert public == {n for n in methods if not n.startswith("_")}, cls_name

@@ -10,11 +10,13 @@ from .checkpoint import SPEC_INT8, Checkpoint, Spec4bit, TensorMeta, open
 from .config import QuantConfig
 from .convert import convert
 from .errors import (
+    CancelledError,
     ConfigError,
     ConversionLockedError,
     FastqError,
     FastqIOError,
     HeaderError,
+    InternalError,
     InvalidArgumentError,
     MissingFileError,
     NonFiniteError,
@@ -30,12 +32,14 @@ from .save import save
 
 __all__ = [
     "SPEC_INT8",
+    "CancelledError",
     "Checkpoint",
     "ConfigError",
     "ConversionLockedError",
     "FastqError",
     "FastqIOError",
     "HeaderError",
+    "InternalError",
     "InvalidArgumentError",
     "MissingFileError",
     "NonFiniteError",

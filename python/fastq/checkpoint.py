@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _fastq
-from .ops import _TORCH_TO_ST, ST_TO_TORCH, int8_from_result, quant_state_from_result, wrap
+from .dtypes import ST_TO_TORCH, float_input_name
+from .results import int8_from_result, quant_state_from_result, wrap
 
 __all__ = ["SPEC_INT8", "Checkpoint", "Spec4bit", "TensorMeta", "open"]
 
@@ -120,11 +121,13 @@ class Checkpoint:
         for job in jobs:
             name, spec = job[0], job[1]
             transpose = bool(job[2]) if len(job) > 2 else False
-            cast = _TORCH_TO_ST[job[3]] if len(job) > 3 and job[3] is not None else None
+            cast = float_input_name(job[3]) if len(job) > 3 and job[3] is not None else None
             if spec == SPEC_INT8:
-                raw.append((name, "int8", "nf4", 64, False, transpose, cast))
+                raw.append(_fastq.Job.int8(name, transpose=transpose, cast=cast))
             else:
-                raw.append((name, "4bit", spec.quant_type, spec.blocksize, spec.double_quant, transpose, cast))
+                raw.append(_fastq.Job.four_bit(
+                    name, spec.quant_type, spec.blocksize, spec.double_quant, transpose=transpose, cast=cast
+                ))
                 storage[name] = spec.quant_storage
         # The Rust worker starts now, before the caller asks for the first result.
         it = self._ck.quantize(raw, threads=threads, release_pages=release_pages)
@@ -138,7 +141,7 @@ class Checkpoint:
 def _results(it, storage: dict, device) -> Iterator[tuple[str, tuple]]:
     try:
         for name, res in it:
-            if res["kind"] == "int8":
+            if isinstance(res, _fastq.PackedInt8):
                 yield name, int8_from_result(res, device)
             else:
                 yield name, quant_state_from_result(res, device, storage[name])

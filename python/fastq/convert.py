@@ -24,7 +24,9 @@ import torch
 
 from . import _fastq
 from .atomic import FolderLock, clear, commit, remove_unless_locked, temp_folder
+from .bnb_format import QUANT_STATE, QUANT_STATE_SUFFIXES, SCB, WEIGHT_FORMAT, quant_state_key
 from .config import QuantConfig
+from .dtypes import st_name as _st
 from .errors import ConfigError, OutputExistsError
 
 __all__ = ["Outputs", "convert", "parse_size", "plan_outputs"]
@@ -32,12 +34,6 @@ __all__ = ["Outputs", "convert", "parse_size", "plan_outputs"]
 #: Extensions of weight files that are not copied beside the converted shards.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 _NOT_COPIED = {"config.json", "generation_config.json", "fastq-manifest.json", "model.safetensors.index.json"}
-_TORCH_TO_ST = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-}
-
 
 def parse_size(size: int | str) -> int:
     """``"5GB"`` -> 5_000_000_000, as huggingface_hub's ``parse_size_to_int`` (decimal units KB..TB;
@@ -73,16 +69,12 @@ def parse_size(size: int | str) -> int:
 class Outputs:
     """What the Rust writer is asked to write, in state-dict order (see ``_fastq.convert``)."""
 
-    jobs: list[tuple]
-    outputs: list[tuple]
+    jobs: list[_fastq.Job]
+    outputs: list[_fastq.Output]
     #: ``model.num_parameters()`` of the quantized model (the index's ``metadata.total_parameters``).
     total_parameters: int
     #: The dtype transformers records in config.json (``model.dtype``: the first floating parameter's).
     config_dtype: torch.dtype
-
-
-def _st(dtype: torch.dtype) -> str:
-    return _TORCH_TO_ST[dtype]
 
 
 def plan_outputs(prepared) -> Outputs:
@@ -101,9 +93,9 @@ def plan_outputs(prepared) -> Outputs:
     ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or [])
     state = model.state_dict(keep_vars=True)
     names = [n for n in state if n not in ignore] + [n for n in by_name if n not in state]
-    jobs: list[tuple] = []
-    outputs: list[tuple] = []
-    extras: tuple[str, list[tuple]] | None = None
+    jobs: list[_fastq.Job] = []
+    outputs: list[_fastq.Output] = []
+    extras: tuple[str, list[_fastq.Output]] | None = None
     total_parameters = 0
     config_dtype = None
 
@@ -122,7 +114,8 @@ def plan_outputs(prepared) -> Outputs:
             t = state.get(name)
             if t is not None and t.device.type != "meta" and name not in params:  # a buffer made at init
                 data = t.detach().contiguous().cpu()
-                outputs.append(("inline", name, _st(data.dtype), list(data.shape), data.reshape(-1).view(torch.uint8).numpy()))
+                raw = data.reshape(-1).view(torch.uint8).numpy()
+                outputs.append(_fastq.Output.inline(name, _st(data.dtype), list(data.shape), raw))
             continue
         if e.kind == "tied":
             continue
@@ -135,27 +128,29 @@ def plan_outputs(prepared) -> Outputs:
         if e.kind == "plain":
             dt = e.dtype if e.dtype is not None else meta.torch_dtype
             cast = _st(dt) if _st(dt) != meta.dtype else None
-            outputs.append(("copy", e.name, e.source, e.transpose, cast))
+            outputs.append(_fastq.Output.copy(e.name, e.source, e.transpose, cast))
             first_float(dt, e.name)
             total_parameters += numel if e.name in params else 0
             continue
         j = len(jobs)
         # The plan says which dtype a weight is quantized from (transformers casts to the model's first).
         cast = _st(e.dtype) if e.dtype is not None and _st(e.dtype) != meta.dtype else None
-        outputs.append(("part", e.name, j, "weight"))
+        outputs.append(_fastq.Output.part(e.name, j, "weight"))
         if e.kind == "4bit":
             qt, dq = qcfg.bnb_4bit_quant_type, qcfg.bnb_4bit_use_double_quant
-            jobs.append((e.source, "4bit", qt, qcfg.blocksize, dq, e.transpose, cast, _st(qcfg.quant_storage)))
-            parts = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if dq else [])
-            rest = [("part", f"{e.name}.{p}", j, p) for p in parts]
-            rest.append(("part", f"{e.name}.quant_state.bitsandbytes__{qt}", j, "quant_state"))
+            jobs.append(_fastq.Job.four_bit(
+                e.source, qt, qcfg.blocksize, dq, transpose=e.transpose, cast=cast, storage=_st(qcfg.quant_storage)
+            ))
+            stats = QUANT_STATE_SUFFIXES if dq else QUANT_STATE_SUFFIXES[:2]
+            rest = [_fastq.Output.part(f"{e.name}.{p}", j, p) for p in stats]
+            rest.append(_fastq.Output.part(f"{e.name}.{quant_state_key(qt)}", j, QUANT_STATE))
             first_float(qcfg.quant_storage, e.name)
             # transformers counts a 4-bit weight as numel(packed) * 2 * element_size (num_parameters)
             total_parameters += (numel + 1) // 2 * 2
         elif e.kind == "int8":
-            jobs.append((e.source, "int8", "nf4", 64, False, e.transpose, cast, "U8"))
+            jobs.append(_fastq.Job.int8(e.source, transpose=e.transpose, cast=cast))
             prefix = f"{e.module}." if e.module else ""
-            rest = [("part", f"{prefix}SCB", j, "SCB"), ("part", f"{prefix}weight_format", j, "weight_format")]
+            rest = [_fastq.Output.part(f"{prefix}{p}", j, p) for p in (SCB, WEIGHT_FORMAT)]
             total_parameters += numel
         else:
             raise ConfigError(f"unexpected plan entry {e.kind!r} for {e.name}")
@@ -164,7 +159,7 @@ def plan_outputs(prepared) -> Outputs:
         outputs.extend(extras[1])
     key = _save_order_key()
     if key is not None:
-        outputs.sort(key=lambda o: key(o[1]))
+        outputs.sort(key=lambda o: key(o.name))
     return Outputs(jobs, outputs, total_parameters, config_dtype or prepared.dtype)
 
 

@@ -1,15 +1,17 @@
 """fastq's exceptions, every one of them (``fastq`` re-exports each). Every error the Rust core raises
-lands in one of these; each carries ``path`` (the file) and ``tensor`` (the tensor name) where the error
-has them."""
+lands in one of these (the binding resolves its table, rust/py/src/errors.rs, when it is imported);
+each carries ``path`` (the file) and ``tensor`` (the tensor name) where the error has them."""
 
 from __future__ import annotations
 
 __all__ = [
+    "CancelledError",
     "ConfigError",
     "ConversionLockedError",
     "FastqError",
     "FastqIOError",
     "HeaderError",
+    "InternalError",
     "InvalidArgumentError",
     "MissingFileError",
     "NonFiniteError",
@@ -82,3 +84,12 @@ class ConversionLockedError(FastqError, BlockingIOError):
 
 class UnsavableModelError(FastqError, ValueError):
     """The model's quantized state cannot be saved faithfully any more."""
+
+
+class CancelledError(FastqError):
+    """A run stopped before it finished because its caller asked it to."""
+
+
+class InternalError(FastqError, RuntimeError):
+    """Something fastq needs failed that no input explains (a worker thread could not start or
+    panicked): a bug or an exhausted resource; please report it."""

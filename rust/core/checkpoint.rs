@@ -19,13 +19,17 @@ const MAX_HEADER: u64 = 100_000_000;
 /// Where one tensor lives.
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
+    /// The tensor's name, the key of its safetensors header entry.
     pub name: String,
+    /// The header entry's `dtype`.
     pub dtype: Dtype,
+    /// The header entry's `shape`.
     pub shape: Vec<usize>,
     /// Index into `Checkpoint::shards`.
     pub shard: usize,
     /// Absolute byte range in the shard file.
     pub start: usize,
+    /// End of that range (exclusive).
     pub end: usize,
 }
 
@@ -42,6 +46,7 @@ impl TensorInfo {
 
 /// One mapped shard.
 pub struct Shard {
+    /// The shard's `.safetensors` file.
     pub path: PathBuf,
     /// Private copy-on-write mapping: readable by every thread, writable by Python without ever
     /// touching the file.
@@ -56,7 +61,9 @@ pub struct Shard {
 
 /// An opened, validated checkpoint.
 pub struct Checkpoint {
+    /// The path `open` was given: the file, or the folder of shards.
     pub root: PathBuf,
+    /// The mapped shards, sorted by file name (`TensorInfo::shard` indexes them).
     pub shards: Vec<Shard>,
     /// Tensors in shard order, then file order within a shard.
     tensors: Vec<TensorInfo>,

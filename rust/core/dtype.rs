@@ -5,20 +5,35 @@ use std::fmt;
 /// A safetensors dtype. Only F32, F16 and BF16 are read as numbers; the others pass through as bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {
+    /// Boolean, one byte (`BOOL`).
     Bool,
+    /// Unsigned 8-bit integer.
     U8,
+    /// Signed 8-bit integer.
     I8,
+    /// 8-bit float, 4 exponent and 3 mantissa bits (`F8_E4M3`).
     F8E4M3,
+    /// 8-bit float, 5 exponent and 2 mantissa bits (`F8_E5M2`).
     F8E5M2,
+    /// Signed 16-bit integer.
     I16,
+    /// Unsigned 16-bit integer.
     U16,
+    /// 16-bit IEEE float (half).
     F16,
+    /// 16-bit bfloat16 (the top half of an f32).
     BF16,
+    /// Signed 32-bit integer.
     I32,
+    /// Unsigned 32-bit integer.
     U32,
+    /// 32-bit IEEE float.
     F32,
+    /// Signed 64-bit integer.
     I64,
+    /// Unsigned 64-bit integer.
     U64,
+    /// 64-bit IEEE float.
     F64,
 }
 
@@ -91,8 +106,11 @@ impl fmt::Display for Dtype {
 /// A borrowed run of float elements in one of the three input formats, little-endian as on disk.
 #[derive(Clone, Copy, Debug)]
 pub enum FloatSlice<'a> {
+    /// 32-bit IEEE floats, 4 bytes each.
     F32(&'a [u8]),
+    /// 16-bit IEEE floats, 2 bytes each.
     F16(&'a [u8]),
+    /// bfloat16s, 2 bytes each.
     BF16(&'a [u8]),
 }
 

@@ -2,9 +2,13 @@
 //! quantization) and 8-bit (LLM.int8) formats on all cores. No Python here: the `fastq._fastq` binding
 //! (rust/py) wraps it.
 
+#![deny(missing_docs)]
+
+pub mod cast;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+pub mod job;
 pub mod pack;
 pub mod pipeline;
 pub mod quant;
@@ -14,5 +18,6 @@ pub mod writer;
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use dtype::{Dtype, FloatSlice};
 pub use error::{Error, Result};
+pub use job::Job;
 pub use pack::{Packed, Packed4, PackedInt8, QuantSpec};
 pub use quant::{Kernel, QuantType};

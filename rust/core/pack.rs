@@ -15,8 +15,11 @@ use crate::quant::{Kernel, QuantType};
 pub enum QuantSpec {
     /// 4-bit blockwise (`Linear4bit`); `double_quant` is bitsandbytes' `compress_statistics`.
     FourBit {
+        /// NF4 or FP4 (`bnb_4bit_quant_type`).
         quant_type: QuantType,
+        /// Elements per absmax block (one of bitsandbytes' `BLOCKSIZES`).
         blocksize: usize,
+        /// Quantize the absmax statistics too (`bnb_4bit_use_double_quant`).
         double_quant: bool,
     },
     /// LLM.int8 row-wise (`Linear8bitLt`).
@@ -42,25 +45,33 @@ pub struct Packed4 {
     pub absmax: Vec<f32>,
     /// The double-quantized statistics, when double quantization is on.
     pub nested: Option<Nested>,
+    /// `QuantState.quant_type`: NF4 or FP4.
     pub quant_type: QuantType,
+    /// `QuantState.blocksize`: elements per absmax block.
     pub blocksize: usize,
     /// The original shape and dtype (the dtype the weight is dequantized back to).
     pub shape: Vec<usize>,
+    /// `QuantState.dtype`: the dtype the weight is dequantized back to.
     pub dtype: Dtype,
 }
 
 /// An LLM.int8 tensor: the int8 weight (CB) and its per-row scale (SCB).
 #[derive(Clone, Debug)]
 pub struct PackedInt8 {
+    /// `CB`: the row-major int8 weight, round(w * 127 / SCB) per row.
     pub cb: Vec<i8>,
+    /// `SCB`: max |w| of each row (0 for an all-zero row).
     pub scb: Vec<f32>,
+    /// The weight's 2-D shape, `[rows, cols]`.
     pub shape: Vec<usize>,
 }
 
 /// Either kind of packed tensor.
 #[derive(Clone, Debug)]
 pub enum Packed {
+    /// A 4-bit (NF4/FP4) tensor.
     FourBit(Packed4),
+    /// An LLM.int8 tensor.
     Int8(PackedInt8),
 }
 

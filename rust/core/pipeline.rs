@@ -15,9 +15,9 @@ use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::pack::{quantize_source, quantize_tensor, Packed, QuantSpec};
+use crate::job::{quantize_job, Job};
+use crate::pack::{Packed, QuantSpec};
 use crate::quant::Kernel;
-use crate::writer::cast::Cast;
 
 /// Knobs of a pipeline run.
 #[derive(Clone, Debug)]
@@ -31,6 +31,7 @@ pub struct Options {
     /// Drop input pages from this process after each tensor that was read through the mapping
     /// (transposed ones; the others are read with `pread` and never map a page).
     pub release_pages: bool,
+    /// Which quantization kernels to use (`Auto`: the fastest the CPU supports).
     pub kernel: Kernel,
 }
 
@@ -65,102 +66,7 @@ pub fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
         .num_threads(thread_count(threads))
         .thread_name(|i| format!("fastq-{i}"))
         .build()
-        .map_err(|e| Error::InvalidArgument(format!("cannot start worker threads: {e}")))
-}
-
-/// One tensor to quantize.
-#[derive(Clone, Debug)]
-pub struct Job {
-    pub name: String,
-    pub spec: QuantSpec,
-    /// Quantize the transpose of a 2-D weight (GPT-2's `Conv1D` stores `[in, out]`; bitsandbytes
-    /// quantizes the `[out, in]` weight of the `Linear` that replaces it).
-    pub transpose: bool,
-    /// Cast to this float dtype before quantizing (transformers casts a weight to the model's dtype
-    /// first); chunk by chunk, in cache.
-    pub cast: Option<crate::dtype::Dtype>,
-}
-
-impl Job {
-    /// A job without transposition.
-    pub fn new(name: impl Into<String>, spec: QuantSpec) -> Self {
-        Job {
-            name: name.into(),
-            spec,
-            transpose: false,
-            cast: None,
-        }
-    }
-}
-
-/// Quantizes one job (errors name the file and the tensor).
-pub fn quantize_job(ckpt: &Checkpoint, job: &Job, kernel: Kernel) -> Result<Packed> {
-    let t = ckpt.info(&job.name)?;
-    let path = ckpt.path_of(t);
-    let at = |e: Error| e.at(path, &job.name);
-    if let Some(to) = job.cast {
-        if !to.is_float_input() {
-            return Err(Error::InvalidArgument(format!(
-                "cannot cast '{}' to {to}: F32, F16 or BF16 only",
-                job.name
-            )));
-        }
-    }
-    let dtype = job.cast.unwrap_or(t.dtype);
-    if !job.transpose {
-        // Positioned reads, chunk by chunk: see `TensorReader`.
-        let reader = ckpt.reader(t)?;
-        return match job.cast {
-            Some(to) => quantize_source(
-                &Cast { inner: reader, to },
-                &t.shape,
-                dtype,
-                job.spec,
-                kernel,
-            ),
-            None => quantize_source(&reader, &t.shape, dtype, job.spec, kernel),
-        }
-        .map_err(at);
-    }
-    ckpt.floats(t)?; // checks the dtype
-    if t.shape.len() != 2 {
-        return Err(at(Error::BadShape {
-            path: Default::default(),
-            tensor: String::new(),
-            reason: format!(
-                "only a 2-D weight can be transposed, got shape {:?}",
-                t.shape
-            ),
-        }));
-    }
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let bytes = transpose_bytes(ckpt.bytes(t), rows, cols, t.dtype.size());
-    let xt =
-        crate::dtype::FloatSlice::new(t.dtype, &bytes).expect("float dtype checked by floats()");
-    let shape = [cols, rows];
-    match job.cast {
-        Some(to) => quantize_source(&Cast { inner: xt, to }, &shape, dtype, job.spec, kernel),
-        None => quantize_tensor(xt, &shape, dtype, job.spec, kernel),
-    }
-    .map_err(at)
-}
-
-/// Transposes a row-major `rows x cols` matrix of `elem`-byte elements, in cache-sized tiles.
-pub fn transpose_bytes(src: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
-    const TILE: usize = 32;
-    let mut out = vec![0u8; src.len()];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    let s = (r * cols + c) * elem;
-                    let d = (c * rows + r) * elem;
-                    out[d..d + elem].copy_from_slice(&src[s..s + elem]);
-                }
-            }
-        }
-    }
-    out
+        .map_err(|e| Error::Internal(format!("cannot start worker threads: {e}")))
 }
 
 /// One finished job: its position in the job list, and its result.
@@ -217,7 +123,7 @@ pub fn spawn_jobs(ckpt: Arc<Checkpoint>, jobs: Vec<Job>, opts: Options) -> Resul
                 }
             }
         })
-        .map_err(|e| Error::InvalidArgument(format!("cannot start the pipeline thread: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot start the pipeline thread: {e}")))?;
     Ok(rx)
 }
 

@@ -9,13 +9,11 @@
 //! - `manifest`: `fastq-manifest.json`, the checksum of each finished shard and the run's parameters,
 //!   so that a resumed run keeps the shards it can verify; `digest`: that checksum (SHA-256 over the
 //!   SHA-256s of 16 MiB chunks, taken while the shard is written);
-//! - `pyjson`: the `quant_state` JSON, byte for byte as bitsandbytes' `json.dumps` writes it;
-//! - `cast`: float casts as torch rounds them.
+//! - `pyjson`: the `quant_state` JSON, byte for byte as bitsandbytes' `json.dumps` writes it.
 //!
 //! The writer fills a folder the caller chose; making the result appear atomically (a temporary
 //! sibling folder renamed into place) is the caller's part (`fastq.convert`).
 
-pub mod cast;
 pub mod digest;
 mod files;
 pub mod layout;
@@ -26,7 +24,7 @@ pub mod run;
 #[cfg(test)]
 mod tests;
 
-pub use layout::{Content, Layout, Output, Part, QuantJob};
+pub use layout::{Content, Layout, Output, Part};
 pub use manifest::{Manifest, ShardRecord, MANIFEST_NAME};
 pub use pyjson::{py_float_repr, quant_state_json};
 pub use run::{convert, Options, Progress, ShardSummary, Summary};

@@ -92,7 +92,9 @@ pub fn check_blocksize(blocksize: usize) -> Result<()> {
 
 /// Output buffers of one 4-bit quantization: `codes` holds (n + 1) / 2 bytes, `absmax` one f32 per block.
 pub struct Out4<'a> {
+    /// Packed codes, two a byte, first element in the high nibble.
     pub codes: &'a mut [u8],
+    /// The absmax of each block.
     pub absmax: &'a mut [f32],
 }
 

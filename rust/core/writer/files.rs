@@ -9,12 +9,23 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 
 use super::digest::{ChunkTracker, CHUNK};
+use super::layout::Layout;
 use super::layout::{header_json, ShardPlan};
 use super::manifest::Hasher;
-use super::run::Run;
+
+/// The output shards of a run: where each tensor goes, and the state of each file.
+pub(super) struct Shards<'a> {
+    layout: &'a Layout,
+    paths: &'a [PathBuf],
+    /// For each tensor: its shard and position in the shard's file order.
+    place: Vec<(usize, usize)>,
+    states: Vec<ShardState>,
+    /// Shards completed (written, closed and handed to the hasher) by this run.
+    pub(super) closed: usize,
+}
 
 /// Where a shard stands.
-pub(super) enum ShardState {
+enum ShardState {
     Pending,
     Open(OpenShard),
     Closed,
@@ -22,8 +33,8 @@ pub(super) enum ShardState {
 
 /// A shard being written.
 pub(super) struct OpenShard {
-    pub(super) file: File,
-    pub(super) path: PathBuf,
+    file: File,
+    path: PathBuf,
     /// Tensors left to write.
     left: usize,
     /// Which 16 MiB chunks are complete (to hash them as soon as they are).
@@ -36,9 +47,34 @@ pub(super) struct OpenShard {
     tail: Vec<Option<Vec<u8>>>,
 }
 
-impl Run<'_> {
+impl<'a> Shards<'a> {
+    /// Every shard of `layout` pending, to be written at `paths`.
+    pub(super) fn new(layout: &'a Layout, paths: &'a [PathBuf]) -> Self {
+        let mut place = vec![(0, 0); layout.tensors.len()];
+        for (s, shard) in layout.shards.iter().enumerate() {
+            for (pos, &t) in shard.order.iter().enumerate() {
+                place[t] = (s, pos);
+            }
+        }
+        Shards {
+            layout,
+            paths,
+            place,
+            states: (0..layout.shards.len())
+                .map(|_| ShardState::Pending)
+                .collect(),
+            closed: 0,
+        }
+    }
+
+    /// The shard tensor `t` goes to.
+    pub(super) fn shard_of(&self, t: usize) -> usize {
+        self.place[t].0
+    }
+
+    /// Creates shard `s`'s file (once) and writes its header when it is known in advance.
     pub(super) fn open(&mut self, s: usize, hasher: &Hasher) -> Result<()> {
-        if !matches!(self.shards[s], ShardState::Pending) {
+        if !matches!(self.states[s], ShardState::Pending) {
             return Ok(());
         }
         let plan: &ShardPlan = &self.layout.shards[s];
@@ -86,7 +122,7 @@ impl Run<'_> {
             send_chunks(hasher, s, &shard, shard.chunks.clone().written(0, ds));
             shard.chunks.written(0, ds);
         }
-        self.shards[s] = ShardState::Open(shard);
+        self.states[s] = ShardState::Open(shard);
         if n == 0 {
             self.close(s, hasher)?;
         }
@@ -154,17 +190,32 @@ impl Run<'_> {
         } else {
             shard.tail[pos] = Some(bytes.to_vec());
         }
-        self.mark(s, pos, hasher)
+        self.mark(t, hasher)
     }
 
-    pub(super) fn open_shard(&mut self, s: usize) -> &mut OpenShard {
-        match &mut self.shards[s] {
+    fn open_shard(&mut self, s: usize) -> &mut OpenShard {
+        match &mut self.states[s] {
             ShardState::Open(shard) => shard,
             _ => unreachable!("shard {s} is written while open only"),
         }
     }
 
-    pub(super) fn mark(&mut self, s: usize, pos: usize, hasher: &Hasher) -> Result<()> {
+    /// Writes `bytes` at `at` bytes into tensor `t`'s place (an exact tensor written in pieces; call
+    /// `mark` after the last).
+    pub(super) fn put_at(&mut self, t: usize, at: u64, bytes: &[u8]) -> Result<()> {
+        let (s, pos) = self.place[t];
+        let plan = &self.layout.shards[s];
+        let start = plan.data_start() + plan.offsets[pos].0;
+        let shard = self.open_shard(s);
+        shard
+            .file
+            .write_all_at(bytes, start + at)
+            .map_err(|e| Error::io(&shard.path, e))
+    }
+
+    /// Records tensor `t` as complete: hashes the chunks it completed, closes its shard after the last.
+    pub(super) fn mark(&mut self, t: usize, hasher: &Hasher) -> Result<()> {
+        let (s, pos) = self.place[t];
         let layout = self.layout;
         let plan = &layout.shards[s];
         let exact = layout.tensors[plan.order[pos]].exact;
@@ -187,7 +238,7 @@ impl Run<'_> {
     fn close(&mut self, s: usize, hasher: &Hasher) -> Result<()> {
         let layout = self.layout;
         let plan = &layout.shards[s];
-        let ShardState::Open(shard) = std::mem::replace(&mut self.shards[s], ShardState::Closed)
+        let ShardState::Open(shard) = std::mem::replace(&mut self.states[s], ShardState::Closed)
         else {
             unreachable!("only an open shard closes")
         };
@@ -223,7 +274,7 @@ impl Run<'_> {
             .map_err(|e| Error::io(&shard.path, e))?;
         let chunks = size.div_ceil(CHUNK) as usize;
         hasher.finish(s, plan.name.clone(), shard.file, size, end, chunks);
-        self.state.shards_done += 1;
+        self.closed += 1;
         Ok(())
     }
 }

@@ -22,24 +22,11 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::job::Job;
 use crate::pack::QuantSpec;
 use crate::quant::NESTED_BLOCKSIZE;
 
 use super::pyjson::quant_state_json_bound;
-
-/// One tensor to quantize.
-#[derive(Clone, Debug)]
-pub struct QuantJob {
-    /// The checkpoint tensor.
-    pub source: String,
-    pub spec: QuantSpec,
-    /// Quantize the transpose of a 2-D weight (GPT-2's `Conv1D`).
-    pub transpose: bool,
-    /// Cast to this float dtype before quantizing (transformers casts a weight to the model's dtype).
-    pub cast: Option<Dtype>,
-    /// The dtype the packed 4-bit bytes are viewed as (`bnb_4bit_quant_storage`); ignored for int8.
-    pub storage: Dtype,
-}
 
 /// One tensor of a quantization result, named as transformers saves it (`M.weight` + suffix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,19 +50,39 @@ pub enum Part {
 }
 
 impl Part {
-    /// Parses the names the binding uses ("weight", "absmax", ..., "SCB", "weight_format").
+    /// Every part, in the order a result's tensors are saved.
+    pub const ALL: [Part; 8] = [
+        Part::Weight,
+        Part::Absmax,
+        Part::QuantMap,
+        Part::NestedAbsmax,
+        Part::NestedQuantMap,
+        Part::QuantState,
+        Part::Scb,
+        Part::WeightFormat,
+    ];
+
+    /// The name the binding uses: the suffix after the weight's name for a 4-bit statistic
+    /// ("absmax", "quant_state", ...), the module's key for an int8 one ("SCB", "weight_format").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Part::Weight => "weight",
+            Part::Absmax => "absmax",
+            Part::QuantMap => "quant_map",
+            Part::NestedAbsmax => "nested_absmax",
+            Part::NestedQuantMap => "nested_quant_map",
+            Part::QuantState => "quant_state",
+            Part::Scb => "SCB",
+            Part::WeightFormat => "weight_format",
+        }
+    }
+
+    /// Parses a name `as_str` gives.
     pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "weight" => Part::Weight,
-            "absmax" => Part::Absmax,
-            "quant_map" => Part::QuantMap,
-            "nested_absmax" => Part::NestedAbsmax,
-            "nested_quant_map" => Part::NestedQuantMap,
-            "quant_state" => Part::QuantState,
-            "SCB" => Part::Scb,
-            "weight_format" => Part::WeightFormat,
-            _ => return Err(Error::InvalidArgument(format!("unknown result part '{s}'"))),
-        })
+        Part::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown result part '{s}'")))
     }
 }
 
@@ -84,37 +91,54 @@ impl Part {
 pub enum Content {
     /// A checkpoint tensor, optionally transposed (2-D) and cast to another float dtype.
     Copy {
+        /// Name of the checkpoint tensor.
         source: String,
+        /// Write the transpose of the (2-D) tensor.
         transpose: bool,
+        /// Cast to this float dtype (F32, F16 or BF16) on the way.
         cast: Option<Dtype>,
     },
     /// Bytes given by the caller (a buffer the checkpoint does not hold).
     Inline {
+        /// The tensor's dtype.
         dtype: Dtype,
+        /// The tensor's shape.
         shape: Vec<usize>,
+        /// The data, little-endian, exactly shape x dtype bytes.
         bytes: Vec<u8>,
     },
     /// A part of the result of job `job`.
-    Quantized { job: usize, part: Part },
+    Quantized {
+        /// Index into the layout's jobs.
+        job: usize,
+        /// Which tensor of the job's result.
+        part: Part,
+    },
 }
 
 /// One output tensor as the caller describes it.
 #[derive(Clone, Debug)]
 pub struct Output {
+    /// The tensor's name in the output (its safetensors header key).
     pub name: String,
+    /// Where its bytes come from.
     pub content: Content,
 }
 
 /// One output tensor with everything the writer needs.
 #[derive(Clone, Debug)]
 pub struct Planned {
+    /// The tensor's name in the output (its safetensors header key).
     pub name: String,
+    /// The header entry's `dtype`.
     pub dtype: Dtype,
+    /// The header entry's `shape`.
     pub shape: Vec<usize>,
     /// Bytes of data; for an inexact tensor, the most it can take.
     pub size: u64,
     /// False for the `quant_state` of a double-quantized weight.
     pub exact: bool,
+    /// Where its bytes come from.
     pub content: Content,
     /// Source bytes this tensor accounts for in the progress (a copy's, a job's on its weight).
     pub input_bytes: u64,
@@ -123,6 +147,7 @@ pub struct Planned {
 /// One output file.
 #[derive(Clone, Debug)]
 pub struct ShardPlan {
+    /// The file name (`shard_name`).
     pub name: String,
     /// Tensors (indices into `Layout::tensors`) in state-dict order.
     pub members: Vec<usize>,
@@ -146,9 +171,13 @@ impl ShardPlan {
 /// The whole output.
 #[derive(Clone, Debug)]
 pub struct Layout {
-    pub jobs: Vec<QuantJob>,
+    /// The quantization jobs, indexed by `Content::Quantized::job`.
+    pub jobs: Vec<Job>,
+    /// Every output tensor, in state-dict order.
     pub tensors: Vec<Planned>,
+    /// The output files, in order.
     pub shards: Vec<ShardPlan>,
+    /// Most data bytes a shard holds (transformers' `max_shard_size`), unless one tensor is larger.
     pub max_shard_size: u64,
 }
 
@@ -218,13 +247,13 @@ impl Layout {
     /// Plans the output of `outputs` (in state-dict order) read from `ckpt`.
     pub fn new(
         ckpt: &Checkpoint,
-        jobs: Vec<QuantJob>,
+        jobs: Vec<Job>,
         outputs: Vec<Output>,
         max_shard_size: u64,
     ) -> Result<Self> {
         for job in &jobs {
             job.spec.validate()?;
-            let t = ckpt.info(&job.source)?;
+            let t = ckpt.info(&job.name)?;
             if !t.dtype.is_float_input() {
                 return Err(Error::UnsupportedDtype {
                     path: ckpt.path_of(t).to_path_buf(),
@@ -260,7 +289,7 @@ impl Layout {
         if let Some(j) = has_weight.iter().position(|w| !w) {
             return Err(invalid(format!(
                 "job {j} ('{}') has no weight output",
-                jobs[j].source
+                jobs[j].name
             )));
         }
         let shards = split(&tensors, max_shard_size);
@@ -288,10 +317,10 @@ impl Layout {
     pub fn fingerprint(&self, ckpt: &Checkpoint) -> String {
         let mut h = Sha256::new();
         for job in &self.jobs {
-            let src = ckpt.info(&job.source).ok();
+            let src = ckpt.info(&job.name).ok();
             h.update(format!(
                 "job {} {:?} {} {:?} {} {:?}\n",
-                job.source,
+                job.name,
                 job.spec,
                 job.transpose,
                 job.cast,
@@ -327,7 +356,7 @@ fn check_float(d: Dtype) -> Result<()> {
     }
 }
 
-fn plan_tensor(ckpt: &Checkpoint, jobs: &[QuantJob], out: Output) -> Result<Planned> {
+fn plan_tensor(ckpt: &Checkpoint, jobs: &[Job], out: Output) -> Result<Planned> {
     let (dtype, shape, exact, input_bytes) = match &out.content {
         Content::Copy {
             source,
@@ -381,7 +410,7 @@ fn plan_tensor(ckpt: &Checkpoint, jobs: &[QuantJob], out: Output) -> Result<Plan
                     out.name
                 ))
             })?;
-            let t = ckpt.info(&j.source)?;
+            let t = ckpt.info(&j.name)?;
             let n = t.numel();
             let qshape = if j.transpose && t.shape.len() == 2 {
                 vec![t.shape[1], t.shape[0]]

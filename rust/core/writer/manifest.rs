@@ -37,7 +37,9 @@ pub struct ShardRecord {
 /// The manifest's contents.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
+    /// The manifest format's version, "fastq-manifest/1".
     pub format: String,
+    /// The version of fastq that wrote it.
     pub fastq_version: String,
     /// `DIGEST`.
     pub digest: String,
@@ -45,6 +47,7 @@ pub struct Manifest {
     pub params: serde_json::Value,
     /// `Layout::fingerprint`.
     pub layout: String,
+    /// The finished shards, by file name.
     pub shards: BTreeMap<String, ShardRecord>,
 }
 
@@ -193,7 +196,7 @@ impl Hasher {
                                 (0..chunks).map(|k| v.get(k).copied().flatten()).collect();
                             let path = &paths[shard];
                             let all = all.ok_or_else(|| {
-                                Error::InvalidArgument(format!(
+                                Error::Internal(format!(
                                     "{}: a chunk was not hashed before the shard closed",
                                     path.display()
                                 ))
@@ -213,7 +216,7 @@ impl Hasher {
                 }
                 Ok(manifest)
             })
-            .map_err(|e| Error::InvalidArgument(format!("cannot start the hashing thread: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start the hashing thread: {e}")))?;
         Ok(Hasher {
             tx: Some(tx),
             handle: Some(handle),
@@ -265,7 +268,7 @@ impl Hasher {
         let handle = self.handle.take().expect("joined once");
         handle
             .join()
-            .unwrap_or_else(|_| Err(Error::InvalidArgument("the hashing thread panicked".into())))
+            .unwrap_or_else(|_| Err(Error::Internal("the hashing thread panicked".into())))
     }
 }
 

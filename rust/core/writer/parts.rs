@@ -3,145 +3,147 @@
 
 use std::os::unix::fs::FileExt;
 
+use crate::cast::cast_into;
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
+use crate::job::transpose_bytes;
 use crate::pack::Packed;
-use crate::pipeline::transpose_bytes;
 use crate::quant::dynamic_map;
 
-use super::cast::cast_into;
-use super::layout::{Content, Part};
+use super::files::Shards;
+use super::layout::{Content, Layout, Part};
 use super::manifest::Hasher;
 use super::pyjson::quant_state_json;
-use super::run::Run;
 
-impl Run<'_> {
-    pub(super) fn write_plain(&mut self, t: usize, hasher: &Hasher) -> Result<()> {
-        let layout = self.layout;
-        match &layout.tensors[t].content {
-            Content::Inline { bytes, .. } => self.put(t, bytes, hasher),
-            Content::Copy {
-                source,
-                transpose,
-                cast,
-            } => {
-                let ckpt = self.ckpt.clone();
-                let info = ckpt.info(source)?;
-                let (transpose, cast) = (*transpose, *cast);
-                let input = info.nbytes() as u64;
-                if !transpose && cast.is_none() {
-                    self.copy_range(t, &ckpt, info, hasher)?;
+/// Writes unquantized tensor `t` (inline bytes, or a checkpoint tensor copied, transposed or cast);
+/// returns the source bytes it consumed. `copy_buf` is reused across calls.
+pub(super) fn write_plain(
+    out: &mut Shards<'_>,
+    layout: &Layout,
+    ckpt: &Checkpoint,
+    t: usize,
+    copy_buf: &mut Vec<u8>,
+    hasher: &Hasher,
+) -> Result<u64> {
+    match &layout.tensors[t].content {
+        Content::Inline { bytes, .. } => out.put(t, bytes, hasher).map(|()| 0),
+        Content::Copy {
+            source,
+            transpose,
+            cast,
+        } => {
+            let info = ckpt.info(source)?;
+            let (transpose, cast) = (*transpose, *cast);
+            let input = info.nbytes() as u64;
+            if !transpose && cast.is_none() {
+                copy_range(out, t, ckpt, info, copy_buf)?;
+                out.mark(t, hasher)?;
+            } else {
+                let mut bytes = if transpose {
+                    let b = transpose_bytes(
+                        ckpt.bytes(info),
+                        info.shape[0],
+                        info.shape[1],
+                        info.dtype.size(),
+                    );
+                    ckpt.release(info);
+                    b
                 } else {
-                    let mut bytes = if transpose {
-                        let b = transpose_bytes(
-                            ckpt.bytes(info),
-                            info.shape[0],
-                            info.shape[1],
-                            info.dtype.size(),
-                        );
-                        ckpt.release(info);
-                        b
-                    } else {
-                        self.read(&ckpt, info, 0, info.nbytes())?
-                    };
-                    if let Some(to) = cast.filter(|&to| to != info.dtype) {
-                        let x = FloatSlice::new(info.dtype, &bytes)
-                            .expect("float, checked by the layout");
-                        let mut out = Vec::new();
-                        cast_into(x, to, &mut out);
-                        bytes = out;
-                    }
-                    self.put(t, &bytes, hasher)?;
+                    read(ckpt, info, 0, info.nbytes())?
+                };
+                if let Some(to) = cast.filter(|&to| to != info.dtype) {
+                    let x =
+                        FloatSlice::new(info.dtype, &bytes).expect("float, checked by the layout");
+                    let mut out = Vec::new();
+                    cast_into(x, to, &mut out);
+                    bytes = out;
                 }
-                self.state.bytes_done += input;
-                Ok(())
+                out.put(t, &bytes, hasher)?;
             }
-            Content::Quantized { .. } => unreachable!("quantized tensors come from their job"),
+            Ok(input)
         }
+        Content::Quantized { .. } => unreachable!("quantized tensors come from their job"),
     }
+}
 
-    fn read(&self, ckpt: &Checkpoint, info: &TensorInfo, a: usize, b: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; b - a];
-        let shard = &ckpt.shards[info.shard];
-        shard
-            .file
-            .read_exact_at(&mut buf, (info.start + a) as u64)
-            .map_err(|e| Error::io(&shard.path, e))?;
-        Ok(buf)
+/// Bytes `a..b` of a tensor, read with `pread`.
+fn read(ckpt: &Checkpoint, info: &TensorInfo, a: usize, b: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; b - a];
+    let shard = &ckpt.shards[info.shard];
+    shard
+        .file
+        .read_exact_at(&mut buf, (info.start + a) as u64)
+        .map_err(|e| Error::io(&shard.path, e))?;
+    Ok(buf)
+}
+
+/// Copies a tensor's bytes unchanged into tensor `t`'s place, a few MB at a time.
+fn copy_range(
+    out: &mut Shards<'_>,
+    t: usize,
+    ckpt: &Checkpoint,
+    info: &TensorInfo,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    const STEP: usize = 8 << 20;
+    let src = &ckpt.shards[info.shard];
+    buf.resize(STEP.min(info.nbytes()), 0);
+    let mut done = 0usize;
+    while done < info.nbytes() {
+        let n = STEP.min(info.nbytes() - done);
+        src.file
+            .read_exact_at(&mut buf[..n], (info.start + done) as u64)
+            .map_err(|e| Error::io(&src.path, e))?;
+        out.put_at(t, done as u64, &buf[..n])?;
+        done += n;
     }
+    Ok(())
+}
 
-    /// Copies a tensor's bytes unchanged, a few MB at a time.
-    fn copy_range(
-        &mut self,
-        t: usize,
-        ckpt: &Checkpoint,
-        info: &TensorInfo,
-        hasher: &Hasher,
-    ) -> Result<()> {
-        const STEP: usize = 8 << 20;
-        let layout = self.layout;
-        let (s, pos) = self.place[t];
-        let plan = &layout.shards[s];
-        let at = plan.data_start() + plan.offsets[pos].0;
-        let src = &ckpt.shards[info.shard];
-        let mut buf = std::mem::take(&mut self.copy_buf);
-        buf.resize(STEP.min(info.nbytes()), 0);
-        let mut done = 0usize;
-        let result = (|| {
-            let shard = self.open_shard(s);
-            while done < info.nbytes() {
-                let n = STEP.min(info.nbytes() - done);
-                src.file
-                    .read_exact_at(&mut buf[..n], (info.start + done) as u64)
-                    .map_err(|e| Error::io(&src.path, e))?;
-                shard
-                    .file
-                    .write_all_at(&buf[..n], at + done as u64)
-                    .map_err(|e| Error::io(&shard.path, e))?;
-                done += n;
-            }
-            Ok(())
-        })();
-        self.copy_buf = buf;
-        result?;
-        self.mark(s, pos, hasher)
-    }
-
-    pub(super) fn write_part(&mut self, t: usize, packed: &Packed, hasher: &Hasher) -> Result<()> {
-        let tensor = &self.layout.tensors[t];
-        let Content::Quantized { part, .. } = tensor.content else {
-            unreachable!("a part")
-        };
-        let json: Vec<u8>;
-        let (code, dmap) = (packed_code(packed), dynamic_map());
-        let bytes: &[u8] = match (packed, part) {
-            (Packed::FourBit(p), Part::Weight) => &p.codes,
-            (Packed::FourBit(p), Part::Absmax) => match &p.nested {
-                Some(n) => &n.codes,
-                None => f32_bytes(&p.absmax),
-            },
-            (Packed::FourBit(_), Part::QuantMap) => f32_bytes(&code),
-            (Packed::FourBit(p), Part::NestedAbsmax) => {
-                f32_bytes(&p.nested.as_ref().expect("double quant").absmax)
-            }
-            (Packed::FourBit(_), Part::NestedQuantMap) => f32_bytes(&dmap),
-            (Packed::FourBit(p), Part::QuantState) => {
-                let offset = p.nested.as_ref().map(|n| n.offset);
-                json = quant_state_json(p.quant_type, p.blocksize, p.dtype, &p.shape, offset)
-                    .into_bytes();
-                &json
-            }
-            (Packed::Int8(p), Part::Weight) => i8_bytes(&p.cb),
-            (Packed::Int8(p), Part::Scb) => f32_bytes(&p.scb),
-            (Packed::Int8(_), Part::WeightFormat) => &[0u8],
-            _ => unreachable!("parts checked by the layout"),
-        };
-        if part == Part::Weight {
-            self.state.bytes_done += tensor.input_bytes;
+/// Writes tensor `t`, a part of a quantization result; returns the source bytes it stands for (the
+/// weight part counts the job's input).
+pub(super) fn write_part(
+    out: &mut Shards<'_>,
+    layout: &Layout,
+    t: usize,
+    packed: &Packed,
+    hasher: &Hasher,
+) -> Result<u64> {
+    let tensor = &layout.tensors[t];
+    let Content::Quantized { part, .. } = tensor.content else {
+        unreachable!("a part")
+    };
+    let json: Vec<u8>;
+    let (code, dmap) = (packed_code(packed), dynamic_map());
+    let bytes: &[u8] = match (packed, part) {
+        (Packed::FourBit(p), Part::Weight) => &p.codes,
+        (Packed::FourBit(p), Part::Absmax) => match &p.nested {
+            Some(n) => &n.codes,
+            None => f32_bytes(&p.absmax),
+        },
+        (Packed::FourBit(_), Part::QuantMap) => f32_bytes(&code),
+        (Packed::FourBit(p), Part::NestedAbsmax) => {
+            f32_bytes(&p.nested.as_ref().expect("double quant").absmax)
         }
-        self.put(t, bytes, hasher)
-    }
+        (Packed::FourBit(_), Part::NestedQuantMap) => f32_bytes(&dmap),
+        (Packed::FourBit(p), Part::QuantState) => {
+            let offset = p.nested.as_ref().map(|n| n.offset);
+            json =
+                quant_state_json(p.quant_type, p.blocksize, p.dtype, &p.shape, offset).into_bytes();
+            &json
+        }
+        (Packed::Int8(p), Part::Weight) => i8_bytes(&p.cb),
+        (Packed::Int8(p), Part::Scb) => f32_bytes(&p.scb),
+        (Packed::Int8(_), Part::WeightFormat) => &[0u8],
+        _ => unreachable!("parts checked by the layout"),
+    };
+    out.put(t, bytes, hasher)?;
+    Ok(if part == Part::Weight {
+        tensor.input_bytes
+    } else {
+        0
+    })
 }
 
 /// The 16 code values of a 4-bit result (the saved `quant_map`).

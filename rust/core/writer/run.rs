@@ -16,11 +16,13 @@ use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::pipeline::{self, Job};
+use crate::job::Job;
+use crate::pipeline;
 
-use super::files::ShardState;
+use super::files::Shards;
 use super::layout::{Content, Layout};
 use super::manifest::{verify, Hasher, Manifest, MANIFEST_NAME};
+use super::parts::{write_part, write_plain};
 
 /// Knobs of a conversion.
 #[derive(Clone, Debug)]
@@ -53,9 +55,13 @@ impl Default for Options {
 /// Where a run stands (source bytes consumed, not output bytes written).
 #[derive(Clone, Debug, Default)]
 pub struct Progress {
+    /// Source bytes consumed so far.
     pub bytes_done: u64,
+    /// Source bytes of the shards this run writes (kept shards excluded).
     pub bytes_total: u64,
+    /// Shards complete, kept ones included.
     pub shards_done: usize,
+    /// Shards in the output.
     pub shards_total: usize,
     /// Shards kept from a previous run (counted in `shards_done`, not in the bytes).
     pub shards_resumed: usize,
@@ -64,10 +70,13 @@ pub struct Progress {
 /// One written (or kept) shard.
 #[derive(Clone, Debug)]
 pub struct ShardSummary {
+    /// The file name.
     pub name: String,
     /// Tensor names in state-dict order.
     pub tensors: Vec<String>,
+    /// File size in bytes.
     pub file_size: u64,
+    /// Bytes of tensor data (the shard's share of the index's `total_size`).
     pub data_size: u64,
     /// The manifest's checksum (`digest`).
     pub digest: String,
@@ -78,6 +87,7 @@ pub struct ShardSummary {
 /// The finished output.
 #[derive(Clone, Debug)]
 pub struct Summary {
+    /// Every shard, in order.
     pub shards: Vec<ShardSummary>,
     /// Sum of every tensor's bytes (the index's `metadata.total_size`).
     pub total_size: u64,
@@ -136,7 +146,7 @@ pub fn convert(
     let mut shards = Vec::with_capacity(layout.shards.len());
     for (i, s) in layout.shards.iter().enumerate() {
         let r = manifest.shards.get(&s.name).ok_or_else(|| {
-            Error::InvalidArgument(format!(
+            Error::Internal(format!(
                 "{}: shard '{}' was not recorded",
                 dir.join(MANIFEST_NAME).display(),
                 s.name
@@ -159,19 +169,18 @@ pub fn convert(
     Ok(Some(Summary { shards, total_size }))
 }
 
-pub(super) struct Run<'a> {
-    pub(super) ckpt: Arc<Checkpoint>,
-    pub(super) layout: &'a Layout,
-    pub(super) opts: &'a Options,
-    pub(super) progress: &'a mut dyn FnMut(&Progress) -> bool,
-    /// For each tensor: its shard and position in the shard's file order.
-    pub(super) place: Vec<(usize, usize)>,
-    pub(super) shards: Vec<ShardState>,
-    pub(super) paths: &'a [PathBuf],
-    pub(super) todo: Vec<bool>,
-    pub(super) state: Progress,
-    pub(super) last_report: Instant,
-    pub(super) copy_buf: Vec<u8>,
+/// One conversion in progress: the output shards, what is left to write, and the progress reports.
+struct Run<'a> {
+    ckpt: Arc<Checkpoint>,
+    layout: &'a Layout,
+    opts: &'a Options,
+    progress: &'a mut dyn FnMut(&Progress) -> bool,
+    out: Shards<'a>,
+    /// For each shard: whether this run writes it (not kept from a previous run).
+    todo: Vec<bool>,
+    state: Progress,
+    last_report: Instant,
+    copy_buf: Vec<u8>,
 }
 
 impl<'a> Run<'a> {
@@ -183,21 +192,16 @@ impl<'a> Run<'a> {
         opts: &'a Options,
         progress: &'a mut dyn FnMut(&Progress) -> bool,
     ) -> Result<Self> {
-        let mut place = vec![(0, 0); layout.tensors.len()];
-        for (s, shard) in layout.shards.iter().enumerate() {
-            for (pos, &t) in shard.order.iter().enumerate() {
-                place[t] = (s, pos);
-            }
-        }
+        let out = Shards::new(layout, paths);
         let todo: Vec<bool> = (0..layout.shards.len())
             .map(|i| !kept.contains(&i))
             .collect();
         let bytes_total = layout
             .tensors
             .iter()
-            .zip(&place)
-            .filter(|(_, &(s, _))| todo[s])
-            .map(|(t, _)| t.input_bytes)
+            .enumerate()
+            .filter(|&(i, _)| todo[out.shard_of(i)])
+            .map(|(_, t)| t.input_bytes)
             .sum();
         let state = Progress {
             bytes_done: 0,
@@ -211,11 +215,7 @@ impl<'a> Run<'a> {
             layout,
             opts,
             progress,
-            place,
-            shards: (0..layout.shards.len())
-                .map(|_| ShardState::Pending)
-                .collect(),
-            paths,
+            out,
             todo,
             state,
             last_report: Instant::now(),
@@ -225,6 +225,7 @@ impl<'a> Run<'a> {
 
     /// Calls the progress callback if it is time (or `force`); false means cancel.
     fn report(&mut self, force: bool) -> bool {
+        self.state.shards_done = self.state.shards_resumed + self.out.closed;
         if force || self.last_report.elapsed() >= self.opts.progress_interval {
             self.last_report = Instant::now();
             return (self.progress)(&self.state);
@@ -259,18 +260,7 @@ impl<'a> Run<'a> {
             }
         }
         // Every job streams from the pipeline, in this order (a cast is done there, chunk by chunk).
-        let streamed: Vec<Job> = order
-            .iter()
-            .map(|&j| {
-                let q = &layout.jobs[j];
-                Job {
-                    name: q.source.clone(),
-                    spec: q.spec,
-                    transpose: q.transpose,
-                    cast: q.cast,
-                }
-            })
-            .collect();
+        let streamed: Vec<Job> = order.iter().map(|&j| layout.jobs[j].clone()).collect();
         let rx = if streamed.is_empty() {
             None
         } else {
@@ -285,11 +275,18 @@ impl<'a> Run<'a> {
             if !self.todo[s] {
                 continue;
             }
-            self.open(s, hasher)?;
+            self.out.open(s, hasher)?;
             // Unquantized tensors first: the pipeline works on this shard's jobs meanwhile.
             for &t in &layout.shards[s].members {
                 if !matches!(layout.tensors[t].content, Content::Quantized { .. }) {
-                    self.write_plain(t, hasher)?;
+                    self.state.bytes_done += write_plain(
+                        &mut self.out,
+                        layout,
+                        &self.ckpt,
+                        t,
+                        &mut self.copy_buf,
+                        hasher,
+                    )?;
                     if !self.report(false) {
                         return Ok(false);
                     }
@@ -307,17 +304,18 @@ impl<'a> Run<'a> {
                             }
                         }
                         Err(RecvTimeoutError::Disconnected) => {
-                            return Err(Error::InvalidArgument(
+                            return Err(Error::Internal(
                                 "the quantization pipeline stopped before its last job".into(),
                             ))
                         }
                     }
                 };
                 for &t in &parts[j] {
-                    let (shard, _) = self.place[t];
+                    let shard = self.out.shard_of(t);
                     if self.todo[shard] {
-                        self.open(shard, hasher)?;
-                        self.write_part(t, &packed, hasher)?;
+                        self.out.open(shard, hasher)?;
+                        self.state.bytes_done +=
+                            write_part(&mut self.out, layout, t, &packed, hasher)?;
                     }
                 }
                 next_job += 1;

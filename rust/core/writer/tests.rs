@@ -9,9 +9,10 @@ use crate::pack::{quantize_tensor, Packed, QuantSpec};
 use crate::quant::{Kernel, QuantType};
 
 use super::digest::file_checksum;
-use super::layout::{Content, Layout, Output, Part, QuantJob};
+use super::layout::{Content, Layout, Output, Part};
 use super::manifest::{Manifest, MANIFEST_NAME};
 use super::run::{convert, Options, Progress};
+use crate::job::Job;
 
 /// Writes a safetensors file of (name, dtype, shape, bytes).
 fn write_source(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
@@ -87,8 +88,8 @@ fn part(name: &str, job: usize, part: Part) -> Output {
 }
 
 fn layout(ckpt: &Checkpoint, max_shard_size: u64) -> Layout {
-    let job = |source: &str, spec, cast| QuantJob {
-        source: source.into(),
+    let job = |source: &str, spec, cast| Job {
+        name: source.into(),
         spec,
         transpose: false,
         cast,
@@ -298,8 +299,8 @@ fn a_nan_names_the_file_and_tensor() {
     w[10..12].copy_from_slice(&half::bf16::NAN.to_le_bytes());
     write_source(&path, &[("a.weight", Dtype::BF16, vec![64, 128], w)]);
     let ckpt = Arc::new(Checkpoint::open(&path).unwrap());
-    let jobs = vec![QuantJob {
-        source: "a.weight".into(),
+    let jobs = vec![Job {
+        name: "a.weight".into(),
         spec: nf4(false),
         transpose: false,
         cast: None,

@@ -5,14 +5,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-use fastq::pipeline::{self, Item, Job, Options};
-use pyo3::exceptions::PyRuntimeError;
+use fastq::pipeline::{self, Item, Options};
+use fastq::Error;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::buffer::Buffer;
 use crate::errors::{to_py, IntoPy};
-use crate::packed::{spec_from_py, to_dict};
+use crate::job::Job;
+use crate::packed;
 
 /// An opened checkpoint (one file, an indexed folder, or a folder of shards).
 #[pyclass(module = "fastq._fastq", frozen)]
@@ -93,40 +94,20 @@ impl Checkpoint {
         self.inner.total_bytes()
     }
 
-    /// Quantizes many tensors in parallel; yields (name, dict) in the order of `jobs`.
-    /// Each job is (name, kind, quant_type, blocksize, double_quant, transpose, cast) with kind "4bit" or
-    /// "int8" and cast None or a float dtype ("BF16") the weight is converted to before quantizing.
+    /// Quantizes many tensors in parallel; yields `(name, Packed4bit | PackedInt8)` in the order of
+    /// `jobs` (a list of `Job`).
     #[pyo3(signature = (jobs, threads=None, batch_bytes=None, channel_capacity=None, release_pages=true))]
     fn quantize(
         &self,
-        jobs: Vec<(String, String, String, usize, bool, bool, Option<String>)>,
+        jobs: Vec<Job>,
         threads: Option<usize>,
         batch_bytes: Option<usize>,
         channel_capacity: Option<usize>,
         release_pages: bool,
     ) -> PyResult<QuantizeIter> {
-        let mut parsed = Vec::with_capacity(jobs.len());
-        for (name, kind, qt, bs, dq, transpose, cast) in jobs {
-            self.inner.info(&name).py_err()?;
-            let cast = match cast {
-                None => None,
-                Some(c) => Some(
-                    fastq::Dtype::parse(&c)
-                        .filter(|d| d.is_float_input())
-                        .ok_or_else(|| {
-                            pyo3::exceptions::PyValueError::new_err(format!(
-                                "cannot cast to '{c}': F32, F16 or BF16 only"
-                            ))
-                        })?,
-                ),
-            };
-            let spec = spec_from_py(&kind, &qt, bs, dq)?;
-            parsed.push(Job {
-                name,
-                spec,
-                transpose,
-                cast,
-            });
+        let parsed: Vec<fastq::Job> = jobs.into_iter().map(|j| j.0).collect();
+        for job in &parsed {
+            self.inner.info(&job.name).py_err()?;
         }
         let names: Vec<String> = parsed.iter().map(|j| j.name.clone()).collect();
         let mut opts = Options {
@@ -163,16 +144,16 @@ impl QuantizeIter {
         slf
     }
 
-    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<(String, Bound<'py, PyDict>)>> {
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<(String, PyObject)>> {
         if self.done.load(Ordering::Acquire) {
             return Ok(None);
         }
         // Take the receiver out so that no lock is held while the GIL is released.
         let rx = self.rx.lock().ok().and_then(|mut g| g.take());
         let Some(rx) = rx else {
-            return Err(PyRuntimeError::new_err(
-                "this iterator is being advanced by another thread",
-            ));
+            return Err(to_py(Error::InvalidArgument(
+                "this iterator is being advanced by another thread".into(),
+            )));
         };
         let (rx, item) = py.allow_threads(move || {
             let item = rx.recv();
@@ -184,7 +165,7 @@ impl QuantizeIter {
                 if let Ok(mut g) = self.rx.lock() {
                     *g = Some(rx);
                 }
-                Ok(Some((self.names[i].clone(), to_dict(py, p)?)))
+                Ok(Some((self.names[i].clone(), packed::to_py(py, p)?)))
             }
             Ok((_, Err(e))) => {
                 finish();

@@ -6,99 +6,95 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastq::dtype::Dtype;
 use fastq::pipeline;
-use fastq::writer::{self, Content, Layout, Output, Part, QuantJob};
+use fastq::writer::{self, Content, Layout, Part};
+use fastq::Error;
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList};
 
-use crate::errors::IntoPy;
-use crate::packed::spec_from_py;
+use crate::errors::{to_py, IntoPy};
+use crate::job::{parse_cast, parse_dtype, Job};
 
-fn dtype(s: &str) -> PyResult<Dtype> {
-    Dtype::parse(s).ok_or_else(|| PyValueError::new_err(format!("unknown safetensors dtype '{s}'")))
-}
+/// One output tensor of a conversion, in state-dict order: `Output.copy(...)`, `Output.inline(...)`
+/// or `Output.part(...)`.
+#[pyclass(module = "fastq._fastq", frozen)]
+pub struct Output(writer::Output);
 
-/// Jobs: (source, kind "4bit" | "int8", quant_type, blocksize, double_quant, transpose, cast dtype or
-/// None, storage dtype), dtypes as safetensors names ("BF16").
-type PyJob = (
-    String,
-    String,
-    String,
-    usize,
-    bool,
-    bool,
-    Option<String>,
-    String,
-);
-
-fn parse_jobs(jobs: Vec<PyJob>) -> PyResult<Vec<QuantJob>> {
-    jobs.into_iter()
-        .map(|(source, kind, qt, bs, dq, transpose, cast, storage)| {
-            Ok(QuantJob {
+#[pymethods]
+impl Output {
+    /// `Output.copy(name, source, transpose=False, cast=None)`: checkpoint tensor `source`, transposed
+    /// (2-D) and cast to a float dtype ("BF16") if asked.
+    #[staticmethod]
+    #[pyo3(signature = (name, source, transpose=false, cast=None))]
+    fn copy(name: String, source: String, transpose: bool, cast: Option<&str>) -> PyResult<Self> {
+        let cast = parse_cast(cast, &source)?;
+        Ok(Output(writer::Output {
+            name,
+            content: Content::Copy {
                 source,
-                spec: spec_from_py(&kind, &qt, bs, dq)?,
                 transpose,
-                cast: cast.as_deref().map(dtype).transpose()?,
-                storage: dtype(&storage)?,
-            })
-        })
-        .collect()
+                cast,
+            },
+        }))
+    }
+
+    /// `Output.inline(name, dtype, shape, data)`: the bytes of `data` (a buffer the checkpoint does not
+    /// hold, such as a buffer the model makes at init), copied now.
+    #[staticmethod]
+    fn inline(
+        py: Python<'_>,
+        name: String,
+        dtype: &str,
+        shape: Vec<usize>,
+        data: PyBuffer<u8>,
+    ) -> PyResult<Self> {
+        Ok(Output(writer::Output {
+            name,
+            content: Content::Inline {
+                dtype: parse_dtype(dtype)?,
+                shape,
+                bytes: data.to_vec(py)?,
+            },
+        }))
+    }
+
+    /// `Output.part(name, job, part)`: part `part` ("weight", "absmax", "quant_map", "nested_absmax",
+    /// "nested_quant_map", "quant_state", "SCB", "weight_format") of the result of job number `job`.
+    #[staticmethod]
+    fn part(name: String, job: usize, part: &str) -> PyResult<Self> {
+        Ok(Output(writer::Output {
+            name,
+            content: Content::Quantized {
+                job,
+                part: Part::parse(part).py_err()?,
+            },
+        }))
+    }
+
+    /// The output tensor's name.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.0.name
+    }
 }
 
-/// Outputs, in state-dict order: ("copy", name, source, transpose, cast or None),
-/// ("inline", name, dtype, shape, bytes-like), ("part", name, job index, part name).
-fn parse_outputs(outputs: &Bound<'_, PyList>) -> PyResult<Vec<Output>> {
-    let mut out = Vec::with_capacity(outputs.len());
-    for item in outputs.iter() {
-        let t = item.downcast::<PyTuple>()?;
-        let kind: String = t.get_item(0)?.extract()?;
-        let name: String = t.get_item(1)?.extract()?;
-        let content = match kind.as_str() {
-            "copy" => Content::Copy {
-                source: t.get_item(2)?.extract()?,
-                transpose: t.get_item(3)?.extract()?,
-                cast: t
-                    .get_item(4)?
-                    .extract::<Option<String>>()?
-                    .as_deref()
-                    .map(dtype)
-                    .transpose()?,
-            },
-            "inline" => {
-                let buf: PyBuffer<u8> = t.get_item(4)?.extract()?;
-                Content::Inline {
-                    dtype: dtype(&t.get_item(2)?.extract::<String>()?)?,
-                    shape: t.get_item(3)?.extract()?,
-                    bytes: buf.to_vec(t.py())?,
-                }
-            }
-            "part" => Content::Quantized {
-                job: t.get_item(2)?.extract()?,
-                part: Part::parse(&t.get_item(3)?.extract::<String>()?).py_err()?,
-            },
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "output '{name}': unknown kind '{other}' (copy, inline or part)"
-                )))
-            }
-        };
-        out.push(Output { name, content });
-    }
-    Ok(out)
+/// The names `Output.part` takes, in the writer's order (tests check them against
+/// `fastq.bnb_format`).
+#[pyfunction]
+pub fn part_names() -> Vec<&'static str> {
+    Part::ALL.iter().map(|p| p.as_str()).collect()
 }
 
 fn layout(
     py: Python<'_>,
     src: &PathBuf,
-    jobs: Vec<PyJob>,
-    outputs: &Bound<'_, PyList>,
+    jobs: Vec<Job>,
+    outputs: Vec<PyRef<'_, Output>>,
     max_shard_size: u64,
 ) -> PyResult<(Arc<fastq::Checkpoint>, Layout)> {
-    let jobs = parse_jobs(jobs)?;
-    let outputs = parse_outputs(outputs)?;
+    let jobs = jobs.into_iter().map(|j| j.0).collect();
+    let outputs = outputs.iter().map(|o| o.0.clone()).collect();
     py.allow_threads(|| {
         let ckpt = fastq::Checkpoint::open(src)?;
         let layout = Layout::new(&ckpt, jobs, outputs, max_shard_size)?;
@@ -113,8 +109,8 @@ fn layout(
 pub fn plan_layout<'py>(
     py: Python<'py>,
     src: PathBuf,
-    jobs: Vec<PyJob>,
-    outputs: &Bound<'py, PyList>,
+    jobs: Vec<Job>,
+    outputs: Vec<PyRef<'py, Output>>,
     max_shard_size: u64,
 ) -> PyResult<Bound<'py, PyList>> {
     let (_, layout) = layout(py, &src, jobs, outputs, max_shard_size)?;
@@ -153,8 +149,8 @@ pub fn convert<'py>(
     py: Python<'py>,
     src: PathBuf,
     out_dir: PathBuf,
-    jobs: Vec<PyJob>,
-    outputs: &Bound<'py, PyList>,
+    jobs: Vec<Job>,
+    outputs: Vec<PyRef<'py, Output>>,
     max_shard_size: u64,
     params_json: &str,
     resume: bool,
@@ -206,11 +202,7 @@ pub fn convert<'py>(
     });
     let summary = match result.py_err()? {
         Some(s) => s,
-        None => {
-            return Err(raised.unwrap_or_else(|| {
-                pyo3::exceptions::PyRuntimeError::new_err("the conversion was cancelled")
-            }))
-        }
+        None => return Err(raised.unwrap_or_else(|| to_py(Error::Cancelled))),
     };
     let d = PyDict::new(py);
     let shards = PyList::empty(py);
@@ -249,7 +241,7 @@ pub fn quant_state_json(
     Ok(writer::quant_state_json(
         qt,
         blocksize,
-        dtype(dtype_name)?,
+        parse_dtype(dtype_name)?,
         &shape,
         nested_offset,
     ))

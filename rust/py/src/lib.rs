@@ -1,9 +1,13 @@
 //! `fastq._fastq`: the thin pyo3 binding of the fastq core. One file per surface: buffers handed to
-//! Python (buffer.rs), the quantization ops (ops.rs), checkpoints and the streaming pipeline
-//! (checkpoint.rs), packed results as Python dicts (packed.rs), errors (errors.rs).
+//! Python (buffer.rs), the `Job` every entry point takes (job.rs), results as `Packed4bit` /
+//! `PackedInt8` objects (packed.rs), single-tensor ops (ops.rs), checkpoints and the streaming
+//! pipeline (checkpoint.rs), positioned reads into pinned buffers (staging.rs), conversion into
+//! sharded safetensors with its `Output` tensors (convert.rs), errors resolved at import (errors.rs).
 //!
 //! Every entry point extracts its arguments, runs the core with the GIL released, then builds Python
 //! objects.
+
+#![deny(missing_docs)]
 
 use pyo3::prelude::*;
 
@@ -17,16 +21,23 @@ mod buffer;
 mod checkpoint;
 mod convert;
 mod errors;
+mod job;
 mod ops;
 mod packed;
 mod staging;
 
+/// The extension module; importing it resolves fastq's exception classes (`errors::init`).
 #[pymodule]
 fn _fastq(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::init(m.py())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<buffer::Buffer>()?;
     m.add_class::<checkpoint::Checkpoint>()?;
     m.add_class::<checkpoint::QuantizeIter>()?;
+    m.add_class::<job::Job>()?;
+    m.add_class::<packed::Packed4bit>()?;
+    m.add_class::<packed::PackedInt8>()?;
+    m.add_class::<convert::Output>()?;
     m.add_class::<staging::Reader>()?;
     m.add_class::<staging::ReadTicket>()?;
     m.add_function(wrap_pyfunction!(ops::quantize_4bit, m)?)?;
@@ -40,5 +51,7 @@ fn _fastq(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(convert::plan_layout, m)?)?;
     m.add_function(wrap_pyfunction!(convert::py_float_repr, m)?)?;
     m.add_function(wrap_pyfunction!(convert::quant_state_json, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::part_names, m)?)?;
+    m.add_function(wrap_pyfunction!(errors::error_samples, m)?)?;
     Ok(())
 }

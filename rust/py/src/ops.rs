@@ -6,22 +6,15 @@ use fastq::quant::{self, Kernel, QuantType};
 use fastq::{Error, QuantSpec};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
 use crate::buffer::Buffer;
 use crate::errors::IntoPy;
-use crate::packed::to_dict;
+use crate::job::parse_cast;
+use crate::packed;
 
+/// The dtype of a tensor handed over for quantization: F32, F16 or BF16.
 fn parse_dtype(dtype: &str) -> PyResult<Dtype> {
-    Dtype::parse(dtype)
-        .filter(|d| d.is_float_input())
-        .ok_or_else(|| {
-            crate::errors::to_py(Error::UnsupportedDtype {
-                path: Default::default(),
-                tensor: String::new(),
-                dtype: dtype.into(),
-            })
-        })
+    Ok(parse_cast(Some(dtype), "")?.expect("a dtype was given"))
 }
 
 fn kernel(reference: bool) -> Kernel {
@@ -40,9 +33,10 @@ fn with_bytes<T: Send>(
     f: impl FnOnce(&[u8]) -> fastq::Result<T> + Send,
 ) -> PyResult<T> {
     if !data.is_c_contiguous() {
-        return Err(pyo3::exceptions::PyValueError::new_err(
-            "the tensor's bytes must be contiguous",
-        ));
+        return Err(Error::InvalidArgument(
+            "the tensor's bytes must be contiguous".into(),
+        ))
+        .py_err();
     }
     let (ptr, len) = (data.buf_ptr() as usize, data.len_bytes());
     let pool = fastq::pipeline::pool(threads).py_err()?;
@@ -56,7 +50,7 @@ fn with_bytes<T: Send>(
 }
 
 /// quantize_4bit(data, dtype, shape, quant_type="nf4", blocksize=64, double_quant=True, threads=None,
-/// reference=False) -> dict
+/// reference=False) -> Packed4bit
 #[pyfunction]
 #[pyo3(signature = (data, dtype, shape, quant_type="nf4", blocksize=64, double_quant=true, threads=None, reference=false))]
 #[allow(clippy::too_many_arguments)]
@@ -70,7 +64,7 @@ pub fn quantize_4bit<'py>(
     double_quant: bool,
     threads: Option<usize>,
     reference: bool,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<PyObject> {
     let dt = parse_dtype(dtype)?;
     let spec = QuantSpec::FourBit {
         quant_type: QuantType::parse(quant_type).py_err()?,
@@ -82,10 +76,10 @@ pub fn quantize_4bit<'py>(
         check_len(&x, &shape)?;
         quantize_tensor(x, &shape, dt, spec, kernel(reference))
     })?;
-    to_dict(py, packed)
+    packed::to_py(py, packed)
 }
 
-/// quantize_int8(data, dtype, shape, threads=None, reference=False) -> dict with CB and SCB
+/// quantize_int8(data, dtype, shape, threads=None, reference=False) -> Packed4bit with CB and SCB
 #[pyfunction]
 #[pyo3(signature = (data, dtype, shape, threads=None, reference=false))]
 pub fn quantize_int8<'py>(
@@ -95,14 +89,14 @@ pub fn quantize_int8<'py>(
     shape: Vec<usize>,
     threads: Option<usize>,
     reference: bool,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<PyObject> {
     let dt = parse_dtype(dtype)?;
     let packed = with_bytes(py, &data, threads, |b| {
         let x = FloatSlice::new(dt, b).expect("float dtype");
         check_len(&x, &shape)?;
         quantize_tensor(x, &shape, dt, QuantSpec::Int8, kernel(reference))
     })?;
-    to_dict(py, packed)
+    packed::to_py(py, packed)
 }
 
 fn check_len(x: &FloatSlice, shape: &[usize]) -> fastq::Result<()> {

@@ -6,8 +6,8 @@
 use std::sync::{Arc, Condvar, Mutex};
 
 use fastq::staging::{self, Piece};
+use fastq::Error;
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::checkpoint::Checkpoint;
@@ -61,9 +61,9 @@ impl Reader {
         dst: PyBuffer<u8>,
     ) -> PyResult<ReadTicket> {
         if dst.readonly() || !dst.is_c_contiguous() {
-            return Err(PyValueError::new_err(
-                "the destination must be a writable, contiguous buffer",
-            ));
+            return Err(to_py(Error::InvalidArgument(
+                "the destination must be a writable, contiguous buffer".into(),
+            )));
         }
         let pieces: Vec<Piece> = pieces
             .into_iter()
@@ -110,7 +110,7 @@ fn block(outcome: &Outcome) -> fastq::Result<()> {
     while g.is_none() {
         g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
     }
-    std::mem::replace(&mut *g, Some(Ok(()))).unwrap_or(Ok(()))
+    g.replace(Ok(())).unwrap_or(Ok(()))
 }
 
 #[pymethods]

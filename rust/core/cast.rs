@@ -65,7 +65,9 @@ thread_local! {
 /// A `ChunkSource` that casts another's chunks to `to` before handing them on, so that a weight is
 /// quantized from the values transformers quantizes (the cast happens chunk by chunk, in cache).
 pub struct Cast<S> {
+    /// The source whose chunks are cast.
     pub inner: S,
+    /// The float dtype (F32, F16 or BF16) the chunks are cast to.
     pub to: Dtype,
 }
 

@@ -1,0 +1,91 @@
+"""The Rust core's results as what bitsandbytes holds: a ``Packed4bit`` as ``(packed, QuantState)``, a
+``PackedInt8`` as ``(CB, SCB)``. Tensors wrap the Rust-owned buffers without a copy (then move to the
+device if one is asked for)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _fastq
+from .dtypes import torch_dtype
+from .errors import ShapeError
+
+__all__ = ["int8_from_result", "quant_state_from_result", "raw_bytes", "wrap"]
+
+
+def wrap(buf, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A tensor over a Rust buffer, without copying."""
+    shape = tuple(shape)
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
+def raw_bytes(t: torch.Tensor):
+    """The bytes of ``t`` (moved to the CPU and made contiguous if it must be) as a uint8 array."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _code(quant_type: str, device) -> torch.Tensor:
+    return torch.tensor(_fastq.code_4bit(quant_type), dtype=torch.float32, device=device)
+
+
+def _dynamic_map(device) -> torch.Tensor:
+    return torch.tensor(_fastq.dynamic_map(), dtype=torch.float32, device=device)
+
+
+def _f32(buf) -> torch.Tensor:
+    return wrap(buf, torch.float32, (len(buf) // 4,))
+
+
+def quant_state_from_result(res: _fastq.Packed4bit, device=None, quant_storage: torch.dtype = torch.uint8):
+    """(packed weight, QuantState) of a 4-bit result, on ``device`` (default: the CPU).
+
+    Args:
+        res: a ``Packed4bit`` of the Rust core.
+        device: where the tensors go.
+        quant_storage: the dtype the packed bytes are viewed as (``bnb_4bit_quant_storage``).
+
+    Returns:
+        ``(packed, state)`` as ``bitsandbytes.functional.quantize_4bit`` returns them.
+    """
+    from bitsandbytes.functional import QuantState
+
+    device = torch.device(device or "cpu")
+    nbytes = len(res.codes)
+    packed = wrap(res.codes, torch.uint8, (nbytes,))
+    if quant_storage != torch.uint8:
+        item = torch.empty((), dtype=quant_storage).element_size()
+        if nbytes % item:
+            raise ShapeError(f"{nbytes} packed bytes cannot be viewed as {quant_storage} ({item} bytes each)")
+        packed = packed.view(quant_storage)
+    packed = packed.unsqueeze(1).to(device)
+    common = {
+        "shape": torch.Size(res.shape),
+        "dtype": torch_dtype(res.dtype),
+        "blocksize": res.blocksize,
+        "code": _code(res.quant_type, device),
+        "quant_type": res.quant_type,
+    }
+    if res.nested_codes is not None:
+        state2 = QuantState(
+            absmax=_f32(res.nested_absmax).to(device), code=_dynamic_map(device), blocksize=256, dtype=torch.float32
+        )
+        absmax = wrap(res.nested_codes, torch.uint8, (len(res.nested_codes),)).to(device)
+        offset = torch.tensor(res.offset, dtype=torch.float32, device=device)
+        state = QuantState(absmax=absmax, offset=offset, state2=state2, **common)
+    else:
+        state = QuantState(absmax=_f32(res.absmax).to(device), **common)
+    return packed, state
+
+
+def int8_from_result(res: _fastq.PackedInt8, device=None):
+    """(CB, SCB) of an int8 result, on ``device`` (default: the CPU, without a copy)."""
+    cb = wrap(res.CB, torch.int8, res.shape)
+    scb = wrap(res.SCB, torch.float32, (res.shape[0],))
+    if device is not None and torch.device(device).type != "cpu":
+        cb, scb = cb.to(device), scb.to(device)
+    return cb, scb
