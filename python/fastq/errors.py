@@ -16,6 +16,7 @@ __all__ = [
     "MissingFileError",
     "NonFiniteError",
     "OutputExistsError",
+    "QuantStateError",
     "ShapeError",
     "TruncatedShardError",
     "UnknownTensorError",
@@ -45,6 +46,10 @@ class HeaderError(FastqError, ValueError):
 
 class TruncatedShardError(HeaderError):
     """A shard ends before the data its header promises."""
+
+
+class QuantStateError(HeaderError):
+    """A pre-quantized checkpoint whose quant_state or statistics do not fit the weight they belong to."""
 
 
 class UnknownTensorError(FastqError, KeyError):

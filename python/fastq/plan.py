@@ -8,7 +8,7 @@ quantize (4-bit / int8), read pre-quantized bytes, or copy as is.
 
 from __future__ import annotations
 
-import json
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +16,9 @@ import torch
 from .bnb_format import QUANT_STATE, QUANT_STATE_SUFFIXES, SCB, WEIGHT_FORMAT, quant_state_owner
 from .checkpoint import Checkpoint
 from .errors import FastqError, ShapeError
+from .prequantized import check_prequantized_4bit, check_prequantized_int8
 
-__all__ = ["Entry", "Plan", "check_complete", "make_plan"]
+__all__ = ["Entry", "Plan", "check_complete", "make_plan", "warn_non_finite"]
 
 
 @dataclass
@@ -153,9 +154,10 @@ def make_plan(
         if quantized and isinstance(module, bnb.nn.Linear4bit):
             pre = quant_states.get(src, [])
             if pre:
-                _check_shape(name, t, ckpt.meta(pre[0]), _prequantized_shape(ckpt, pre[0]))
                 extra = {s: f"{src}.{s}" for s in QUANT_STATE_SUFFIXES if f"{src}.{s}" in keys}
                 extra[QUANT_STATE] = pre[0]
+                qs = check_prequantized_4bit(ckpt, src, extra)
+                _check_shape(name, t, ckpt.meta(pre[0]), tuple(qs["shape"]))
                 used.update(extra.values())
                 entries.append(Entry(name, mod_name, "4bit-pre", src, nbytes=meta.nbytes, extra=extra))
             else:
@@ -168,6 +170,7 @@ def make_plan(
             if scb is None and src.endswith(".weight"):
                 scb = src[: -len("weight")] + SCB if src[: -len("weight")] + SCB in keys else None
             if meta.dtype == "I8" and scb is not None:
+                check_prequantized_int8(ckpt, src, scb)
                 _check_shape(name, t, meta, meta.shape)
                 extra = {SCB: scb}
                 fmt = src[: -len("weight")] + WEIGHT_FORMAT
@@ -201,12 +204,6 @@ def _quantize_from(target: torch.dtype | None, meta) -> torch.dtype | None:
     return target
 
 
-def _prequantized_shape(ckpt: Checkpoint, quant_state_key: str) -> tuple[int, ...]:
-    """The unpacked weight shape a bitsandbytes ``quant_state`` JSON records."""
-    raw = ckpt.get(quant_state_key)
-    return tuple(json.loads(bytes(raw.numpy().tobytes()).decode("utf-8"))["shape"])
-
-
 def _check_shape(name: str, skeleton: torch.Tensor, meta, checkpoint_shape) -> None:
     """The model's parameter ``name`` must have the shape the checkpoint's tensor ``meta`` gives it
     (transformers refuses mismatched sizes too, unless ``ignore_mismatched_sizes``)."""
@@ -233,3 +230,28 @@ def check_complete(plan: Plan, where: str) -> None:
         )
         err.path, err.tensor = where, plan.missing[0]
         raise err
+
+
+def warn_non_finite(ckpt: Checkpoint, plan: Plan) -> list[str]:
+    """Warns about unquantized 1-D weights (norms, biases) that hold NaN or infinity in the checkpoint,
+    naming each tensor and its file: transformers and bitsandbytes load them as they are, and every
+    output of the model is then NaN. Read on the host from the checkpoint (a few KiB each), before any
+    device sees them. (Quantized weights are checked by the quantizer: ``fastq.NonFiniteError``.)
+
+    Returns:
+        The checkpoint names of the tensors that hold a non-finite value.
+    """
+    bad = []
+    for e in plan.by_kind("plain"):
+        meta = ckpt.meta(e.source)
+        one_d_float = len(meta.shape) == 1 and meta.torch_dtype.is_floating_point and meta.nbytes
+        if one_d_float and not bool(ckpt.get(e.source).isfinite().all()):
+            bad.append(e.source)
+    if bad:
+        shown = ", ".join(f"{n} ({ckpt.meta(n).file})" for n in bad[:4])
+        warnings.warn(
+            f"{len(bad)} weight(s) hold NaN or infinity: {shown}. transformers and bitsandbytes load them as "
+            "they are, and the model's outputs will be NaN",
+            stacklevel=4,
+        )
+    return bad
