@@ -1,12 +1,14 @@
 """Dispatch, the last stage of a load: tie, synchronize, attach accelerate's hooks (``dispatch_model``
 for a model spread over devices or offloaded to disk), set the attributes transformers sets
-(``is_loaded_in_4bit``, ``hf_quantizer``, ``hf_device_map``); and glibc's mmap threshold, adjusted
-once the weights are in place.
+(``is_loaded_in_4bit``, ``hf_quantizer``, ``hf_device_map``); route the layers bitsandbytes' CPU kernel
+cannot take (it would only fail at the first forward); and glibc's mmap threshold, adjusted once the
+weights are in place.
 """
 
 from __future__ import annotations
 
 import ctypes
+import warnings
 
 import torch
 
@@ -15,7 +17,7 @@ from .errors import ConfigError
 from .install import get_submodule
 from .plan import Plan
 
-__all__ = ["finalize", "raise_glibc_mmap_threshold"]
+__all__ = ["check_cpu_kernel_shapes", "finalize", "raise_glibc_mmap_threshold"]
 
 
 def raise_glibc_mmap_threshold() -> None:
@@ -82,4 +84,46 @@ def finalize(model, plan: Plan, dmap: dict, hfq, qcfg, offload_folder, offload_i
             hfq.postprocess_model(model)
     if hasattr(model, "hf_device_map") or len(devices) > 1:
         model.hf_device_map = dmap
+    check_cpu_kernel_shapes(model)
     model.eval()
+
+
+def check_cpu_kernel_shapes(model) -> list[str]:
+    """Routes 4-bit layers that bitsandbytes' AVX512-BF16 CPU kernel cannot take to its generic kernel.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` weight for that kernel at its first CPU inference forward
+    (nn/modules.py ``Linear4bit.forward`` -> functional.py ``_convert_weight_packed_for_cpu``), which
+    asserts ``out_features % 32 == 0`` ("N must be divisible by block_n") and an even ``in_features``, and
+    reshapes the absmax per row (``in_features % blocksize == 0``); other shapes fail there, in
+    transformers' models too. Layers with an ``out_features`` or odd ``in_features`` it refuses run on
+    the generic kernel instead (the same numbers: tests/test_dispatch.py); layers whose rows cross
+    absmax blocks get a warning, since bitsandbytes' generic CPU kernel misreads some of them too.
+
+    Returns:
+        The names of the layers routed to the generic kernel.
+    """
+    import bitsandbytes as bnb
+
+    routed, crossing = [], []
+    for name, m in model.named_modules():
+        if not isinstance(m, bnb.nn.Linear4bit) or not getattr(m, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(m.weight, "quant_state", None)
+        if state is None or m.weight.device.type != "cpu":
+            continue
+        n, k = m.out_features, m.in_features
+        if k % state.blocksize:
+            crossing.append(name)
+        elif n % 32 or k % 2:
+            m.support_avx512bf16_for_cpu = False
+            routed.append(name)
+    if crossing:
+        warnings.warn(
+            f"{len(crossing)} 4-bit layer(s) have in_features that are not a multiple of the blocksize "
+            f"(e.g. {crossing[0]}): bitsandbytes' CPU kernels cannot run them correctly (the AVX512-BF16 one "
+            "fails at the first forward, the generic one misreads rows that cross blocks); use a blocksize "
+            "that divides in_features, or run them on a GPU",
+            stacklevel=3,
+        )
+    return routed
+

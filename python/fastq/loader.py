@@ -26,7 +26,7 @@ from .config import QuantConfig
 from .dispatch import finalize, raise_glibc_mmap_threshold
 from .errors import ConfigError
 from .placement import fill, start_prefetch
-from .plan import Plan, check_complete, make_plan
+from .plan import Plan, check_complete, make_plan, warn_non_finite
 from .resolve import Inputs, Source, resolve_inputs
 from .skeleton import build_empty, param_dtypes, quantized_modules, replace_modules
 
@@ -138,6 +138,7 @@ def _plan(model, inputs: Inputs) -> Plan:
         quantize_dtype=dtype,
     )
     check_complete(plan, str(src.path))
+    warn_non_finite(inputs.ckpt, plan)
     if inputs.prequantized and plan.by_kind("4bit", "int8"):
         names = ", ".join(e.name for e in plan.by_kind("4bit", "int8")[:3])
         raise ConfigError(f"{src.path} says it is quantized but holds unquantized weights for {names}")
