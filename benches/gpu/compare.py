@@ -166,6 +166,9 @@ def run_case(case: str, ckpt: Path, pre: Path, pre8: Path, out: Path) -> dict:
         extra["phases"] = tl.phases()
         extra["ring"] = tl.summary()
         extra["spans"] = tl.spans()
+    if os.environ.get("COMPARE_LOAD_ONLY"):  # probe.py: the load's figures only
+        extra.pop("spans", None)
+        return {**extra, "case": case, "load_s": load_s, "gpu_peak_gb": gpu_peak, "rss_gb": _rss()}
     ids = torch.arange(1, 65, device="cuda").unsqueeze(0) * 37 % 32000
     with torch.no_grad():
         logits = m(ids).logits[0, -1].float().cpu()
@@ -195,6 +198,12 @@ def run_case(case: str, ckpt: Path, pre: Path, pre8: Path, out: Path) -> dict:
         (out / f"timeline_{case}.json").write_text(json.dumps(spans))
     return {**extra, "case": case, "load_s": load_s, "gpu_peak_gb": gpu_peak, "rss_gb": _rss(), "rss_base_gb": base_rss,
             "tok_s": tok_s, "tokens": gen[0, 8:24].tolist(), "footprint_gb": m.get_memory_footprint() / 1e9}
+
+
+def _f32_bits(x: float) -> int:
+    import struct
+
+    return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
 def _sha(t) -> str:
@@ -312,6 +321,13 @@ def main() -> None:
                 total = sum(1 for k in da if field in da[k])
                 if total:
                     print(f"  {field}: {same}/{total} modules byte-identical")
+            pairs = [(da[k]["offset"], db[k]["offset"]) for k in da
+                     if da[k].get("offset") is not None and db.get(k, {}).get("offset") is not None]
+            if pairs:
+                ulps = [abs(_f32_bits(x) - _f32_bits(y)) for x, y in pairs]
+                rel = max(abs(x - y) / abs(x) for x, y in pairs if x)
+                print(f"  offset: max {max(ulps)} float32 ulp apart (max relative {rel:.2g}); "
+                      f"{sum(u == 1 for u in ulps)} modules 1 ulp, {sum(u > 1 for u in ulps)} more")
     print("case         load_s  gpu_peak/reserved/after_GB  anon_peak_GB  rss_peak_GB  tok/s  phases / ring")
     for r in results:
         ring = r.get("ring", {})

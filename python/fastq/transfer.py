@@ -13,6 +13,7 @@ memory. ``stream_to_device`` is the engine; ``Timeline`` records when each stage
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import deque
@@ -27,9 +28,21 @@ __all__ = ["LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "prefetch_ring"
 
 #: Bytes per slot and slots in the ring: 4 x 64 MiB, three reads queued while the fourth slot is
 #: copied. 8 slots were slower on the H200 (7B NF4 0.88 s against 0.67 s: pinning 512 MiB while the
-#: skeleton is built doubled that phase); BENCHMARKS.md, GPU.
-SLOT_BYTES = 64 << 20
-SLOTS = 4
+#: skeleton is built doubled that phase); BENCHMARKS.md, GPU. ``FASTQ_RING_SLOTS`` and
+#: ``FASTQ_RING_SLOT_MIB`` override them (benches/gpu/probe.py measures the choices).
+
+
+def _env_int(name: str, default: int) -> int:
+    """A positive integer from the environment; ``default`` when unset or not one."""
+    try:
+        v = int(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return v if v > 0 else default
+
+
+SLOT_BYTES = _env_int("FASTQ_RING_SLOT_MIB", 64) << 20
+SLOTS = _env_int("FASTQ_RING_SLOTS", 4)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,155 @@
+"""Measurements behind the GPU path's choices (run on the GPU machine, after compare.py made its
+checkpoints):
+
+    python3 benches/gpu/probe.py --work /tmp/fastq-gpu --out $OUT [pin] [ring] [memory]
+
+  pin     seconds to pin the ring's host memory for several sizes (fresh process each, CUDA warm)
+  ring    fastq.load of the 7B-shaped checkpoint (plain bf16, NF4 + DQ, pre-quantized NF4) for several
+          ring shapes and reader thread counts (FASTQ_RING_SLOTS / FASTQ_RING_SLOT_MIB /
+          FASTQ_NUM_THREADS), through compare.py's cases: load seconds, phases, read/copy GB/s
+  memory  what fastq keeps allocated on the GPU after a pre-quantized reload (and after
+          quantize_on="cpu") beyond the model's own tensors, with the Python stack of each allocation
+          (torch.cuda.memory._record_memory_history)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RING_CONFIGS = [(4, 64, 0), (4, 64, 12), (4, 128, 0), (2, 128, 0), (8, 32, 0), (6, 64, 0)]
+
+
+def pin_case(slots: int, mib: int) -> dict:
+    import torch
+
+    torch.zeros(1, device="cuda")
+    t = time.perf_counter()
+    bufs = [torch.empty(mib << 20, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+    dt = time.perf_counter() - t
+    return {"slots": slots, "mib": mib, "pin_s": dt, "GBps": slots * (mib << 20) / dt / 1e9, "n": len(bufs)}
+
+
+def memory_case(case: str, work: Path) -> dict:
+    import fastq
+    import torch
+    import transformers
+
+    torch.zeros(1, device="cuda")
+    torch.cuda.memory._record_memory_history(max_entries=200000)
+    bnb4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    if case == "pre":
+        m = fastq.load(work / "llama7b-nf4", None, {"": 0}, dtype=torch.bfloat16, progress=False)
+    elif case == "cpu":
+        m = fastq.load(work / "llama7b", bnb4, {"": 0}, dtype=torch.bfloat16, progress=False, quantize_on="cpu")
+    else:
+        m = fastq.load(work / "llama7b", bnb4, {"": 0}, dtype=torch.bfloat16, progress=False)
+    torch.cuda.synchronize()
+    known: dict[int, str] = {}
+
+    def note(t, what):
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            known.setdefault(t.untyped_storage().data_ptr(), what)
+
+    for n, p in m.named_parameters():
+        note(p.data, n)
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            for f in ("absmax", "code", "offset"):
+                note(getattr(qs, f, None), f"{n}.{f}")
+            if qs.state2 is not None:
+                note(qs.state2.absmax, f"{n}.state2.absmax")
+                note(qs.state2.code, f"{n}.state2.code")
+    for n, b in m.named_buffers():
+        note(b, n)
+    for n, mod in m.named_modules():
+        for f in ("quant_state",):
+            qs = getattr(mod, f, None)
+            if qs is not None and hasattr(qs, "absmax"):
+                note(qs.absmax, f"{n}.{f}.absmax")
+    snap = torch.cuda.memory._snapshot()
+    unknown, stacks = [], Counter()
+    for seg in snap["segments"]:
+        for blk in seg["blocks"]:
+            if blk["state"] != "active_allocated":
+                continue
+            if blk["address"] in known:
+                continue
+            unknown.append(blk["requested_size"])
+            frames = [f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']}:{f['name']}"
+                      for f in blk.get("frames", []) if f["filename"].endswith(".py")][:6]
+            stacks[" <- ".join(frames)] += blk["requested_size"]
+    return {
+        "case": case,
+        "allocated_gb": torch.cuda.memory_allocated() / 1e9,
+        "known_gb": sum(s.nbytes() for s in {p.untyped_storage().data_ptr(): p.untyped_storage()
+                                            for p in list(m.parameters()) + list(m.buffers()) if p.is_cuda}.values()) / 1e9,
+        "unknown_blocks": len(unknown),
+        "unknown_mib": sum(unknown) / 2**20,
+        "top_stacks": [(s, b / 2**20) for s, b in stacks.most_common(8)],
+    }
+
+
+def sub(args: list[str], env=None, timeout=600) -> dict | None:
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, check=False,
+                       env={**os.environ, **(env or {})})
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        print(f"FAILED {args} {env} rc={p.returncode}\n{p.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(line[-1][7:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/fastq-gpu")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--pin", nargs=2, type=int)
+    ap.add_argument("--memory")
+    ap.add_argument("what", nargs="*", default=["pin", "ring", "memory"])
+    a = ap.parse_args()
+    work, out = Path(a.work), Path(a.out)
+    if a.pin:
+        print("RESULT " + json.dumps(pin_case(*a.pin)), flush=True)
+        return
+    if a.memory:
+        print("RESULT " + json.dumps(memory_case(a.memory, work)), flush=True)
+        return
+    results = {}
+    if "pin" in a.what:
+        results["pin"] = [sub([__file__, "--pin", str(s), str(m)]) for s, m in
+                          [(4, 64), (4, 32), (4, 128), (8, 64), (2, 128), (1, 256)]]
+        for r in results["pin"]:
+            print("pin", r, flush=True)
+    if "ring" in a.what:
+        results["ring"] = []
+        for slots, mib, threads in RING_CONFIGS:
+            env = {"FASTQ_RING_SLOTS": str(slots), "FASTQ_RING_SLOT_MIB": str(mib), "COMPARE_LOAD_ONLY": "1"}
+            if threads:
+                env["FASTQ_NUM_THREADS"] = str(threads)
+            for case in ("fq_plain", "fq_nf4", "fq_pre"):
+                r = sub([str(HERE / "compare.py"), "--work", str(work), "--out", str(out), "--case", case], env)
+                if r is None:
+                    continue
+                row = {"slots": slots, "mib": mib, "threads": threads or "all", "case": case, "load_s": r["load_s"],
+                       "phases": r.get("phases"), "ring": {k: (round(v["busy_s"], 3), round(v.get("GBps", 0), 1))
+                                                           for k, v in r.get("ring", {}).items()}}
+                results["ring"].append(row)
+                print("ring", json.dumps(row), flush=True)
+    if "memory" in a.what:
+        results["memory"] = [sub([__file__, "--work", str(work), "--memory", c]) for c in ("device", "pre", "cpu")]
+        for r in results["memory"]:
+            print("memory", json.dumps(r, indent=1), flush=True)
+    (out / "probe.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
