@@ -14,6 +14,7 @@ match it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -94,8 +95,9 @@ def plan_outputs(prepared) -> Outputs:
     state = model.state_dict(keep_vars=True)
     names = [n for n in state if n not in ignore] + [n for n in by_name if n not in state]
     jobs: list[_fastq.Job] = []
-    outputs: list[_fastq.Output] = []
-    extras: tuple[str, list[_fastq.Output]] | None = None
+    # (the model's name it sorts by, output): save_pretrained orders by the model's names, then renames
+    outputs: list[tuple[str, _fastq.Output]] = []
+    extras: tuple[str, list[tuple[str, _fastq.Output]]] | None = None
     total_parameters = 0
     config_dtype = None
 
@@ -115,42 +117,49 @@ def plan_outputs(prepared) -> Outputs:
             if t is not None and t.device.type != "meta" and name not in params:  # a buffer made at init
                 data = t.detach().contiguous().cpu()
                 raw = data.reshape(-1).view(torch.uint8).numpy()
-                outputs.append(_fastq.Output.inline(name, _st(data.dtype), list(data.shape), raw))
+                outputs.append((name, _fastq.Output.inline(name, _st(data.dtype), list(data.shape), raw)))
             continue
         if e.kind == "tied":
             continue
         if e.kind in ("4bit-pre", "int8-pre"):
             raise ConfigError(f"{prepared.source.path} is already quantized ({e.name}); there is nothing to convert")
         meta = ckpt.meta(e.source)
-        numel = 1
-        for d in meta.shape:
-            numel *= d
+        numel = math.prod(meta.shape)
+        # save_pretrained reverses transformers' renames and merges: the checkpoint's names come back
+        saved = e.saved_as or e.name
         if e.kind == "plain":
             dt = e.dtype if e.dtype is not None else meta.torch_dtype
             cast = _st(dt) if _st(dt) != meta.dtype else None
-            outputs.append(_fastq.Output.copy(e.name, e.source, e.transpose, cast))
+            if e.pieces:  # fused MoE experts: saved as the per-expert tensors they were read from
+                outputs.extend((e.name, _fastq.Output.copy(src, src, False, cast)) for src, _, _ in e.pieces)
+                numel = sum(math.prod(ckpt.meta(src).shape) for src, _, _ in e.pieces)
+            else:
+                outputs.append((e.name, _fastq.Output.copy(saved, e.source, e.transpose, cast)))
             first_float(dt, e.name)
             total_parameters += numel if e.name in params else 0
             continue
         j = len(jobs)
         # The plan says which dtype a weight is quantized from (transformers casts to the model's first).
         cast = _st(e.dtype) if e.dtype is not None and _st(e.dtype) != meta.dtype else None
-        outputs.append(_fastq.Output.part(e.name, j, "weight"))
+        outputs.append((e.name, _fastq.Output.part(saved, j, "weight")))
         if e.kind == "4bit":
             qt, dq = qcfg.bnb_4bit_quant_type, qcfg.bnb_4bit_use_double_quant
             jobs.append(_fastq.Job.four_bit(
                 e.source, qt, qcfg.blocksize, dq, transpose=e.transpose, cast=cast, storage=_st(qcfg.quant_storage)
             ))
             stats = QUANT_STATE_SUFFIXES if dq else QUANT_STATE_SUFFIXES[:2]
-            rest = [_fastq.Output.part(f"{e.name}.{p}", j, p) for p in stats]
-            rest.append(_fastq.Output.part(f"{e.name}.{quant_state_key(qt)}", j, QUANT_STATE))
+            rest = [(f"{e.name}.{p}", _fastq.Output.part(f"{saved}.{p}", j, p)) for p in stats]
+            qs = quant_state_key(qt)
+            rest.append((f"{e.name}.{qs}", _fastq.Output.part(f"{saved}.{qs}", j, QUANT_STATE)))
             first_float(qcfg.quant_storage, e.name)
             # transformers counts a 4-bit weight as numel(packed) * 2 * element_size (num_parameters)
             total_parameters += (numel + 1) // 2 * 2
         elif e.kind == "int8":
             jobs.append(_fastq.Job.int8(e.source, transpose=e.transpose, cast=cast))
-            prefix = f"{e.module}." if e.module else ""
-            rest = [_fastq.Output.part(f"{prefix}{p}", j, p) for p in (SCB, WEIGHT_FORMAT)]
+            owner = saved.rpartition(".")[0]
+            prefix = f"{owner}." if owner else ""
+            model_prefix = f"{e.module}." if e.module else ""
+            rest = [(f"{model_prefix}{p}", _fastq.Output.part(f"{prefix}{p}", j, p)) for p in (SCB, WEIGHT_FORMAT)]
             total_parameters += numel
         else:
             raise ConfigError(f"unexpected plan entry {e.kind!r} for {e.name}")
@@ -159,8 +168,8 @@ def plan_outputs(prepared) -> Outputs:
         outputs.extend(extras[1])
     key = _save_order_key()
     if key is not None:
-        outputs.sort(key=lambda o: key(o.name))
-    return Outputs(jobs, outputs, total_parameters, config_dtype or prepared.dtype)
+        outputs.sort(key=lambda o: key(o[0]))
+    return Outputs(jobs, [o for _, o in outputs], total_parameters, config_dtype or prepared.dtype)
 
 
 def _save_order_key():

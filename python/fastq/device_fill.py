@@ -89,6 +89,10 @@ def fill_on_device(
 def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, on_placed) -> None:
     requests, parts = [], {}
     for e in entries:
+        if e.pieces:  # assembled from several checkpoint tensors into one device buffer
+            parts[id(e)] = (e, {}, 1)
+            requests.append(Request((id(e), "weight", e.source), e.source, e.nbytes, e.pieces))
+            continue
         names = [("weight", e.source)]
         if e.kind in ("4bit-pre", "int8-pre"):
             names += [(k, v) for k, v in e.extra.items() if k not in (QUANT_STATE, WEIGHT_FORMAT)]
@@ -99,7 +103,7 @@ def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, 
     def on_ready(key, buf: torch.Tensor) -> None:
         eid, part, src = key
         e, got, need = parts[eid]
-        got[part] = _weight(ckpt, src, buf)
+        got[part] = buf.view(ckpt.meta(src).torch_dtype).view(e.shape) if e.pieces else _weight(ckpt, src, buf)
         if len(got) == need:
             del parts[eid]
             _place(model, ckpt, e, got, dev, spec)

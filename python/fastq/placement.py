@@ -70,6 +70,7 @@ def fill(
         for e in plan.by_kind("plain", "4bit-pre", "int8-pre")
         if dmap_mod.device_of(e.name, dmap) == "cpu"
         for src in (e.source, *e.extra.values())
+        if not e.pieces  # gathered with pread, never mapped
     ]
     if resident and not resident_already:
         ckpt.populate(resident, threads=threads)
@@ -77,7 +78,7 @@ def fill(
     try:
         for e in plan.by_kind("plain"):
             dev = dmap_mod.device_of(e.name, dmap)
-            value = ckpt.get(e.source)
+            value = gather(ckpt, e, threads) if e.pieces else ckpt.get(e.source)
             if e.transpose:
                 value = value.t()
             if dev == "disk":
@@ -110,6 +111,17 @@ def fill(
 
         save_offload_index(offload_index, offload_folder)
     return offload_index
+
+
+def gather(ckpt: Checkpoint, e, threads) -> torch.Tensor:
+    """A tensor transformers assembles from several checkpoint tensors (``Entry.pieces``), read by the
+    Rust readers straight to its offsets in one host buffer (GIL released, no concatenation here)."""
+    from . import _fastq
+
+    buf = torch.empty(e.nbytes, dtype=torch.uint8)
+    reader = _fastq.Reader(ckpt.native, threads)
+    reader.submit([(src, 0, n, at) for src, at, n in e.pieces], buf.numpy()).wait()
+    return buf.view(ckpt.meta(e.source).torch_dtype).view(e.shape)
 
 
 def _install(model, e, res, dmap: dict, qcfg) -> None:

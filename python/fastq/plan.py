@@ -17,6 +17,7 @@ from .bnb_format import QUANT_STATE, QUANT_STATE_SUFFIXES, SCB, WEIGHT_FORMAT, q
 from .checkpoint import Checkpoint
 from .errors import FastqError, ShapeError
 from .prequantized import check_prequantized_4bit, check_prequantized_int8
+from .sources import checkpoint_sources
 
 __all__ = ["Entry", "Plan", "check_complete", "make_plan", "warn_non_finite"]
 
@@ -42,6 +43,14 @@ class Entry:
     nbytes: int = 0
     tied_to: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: For a tensor transformers assembles from several checkpoint tensors (fused MoE experts):
+    #: ``(checkpoint tensor, byte offset, nbytes)`` of each piece (sources.py); ``source`` is the first.
+    pieces: tuple[tuple[str, int, int], ...] = ()
+    #: The assembled tensor's shape (with ``pieces``).
+    shape: tuple[int, ...] = ()
+    #: The name ``save_pretrained`` writes it under when transformers renamed it on load (the
+    #: checkpoint's, e.g. ``embed_out.weight`` for GPT-NeoX's ``lm_head.weight``); None: ``name``.
+    saved_as: str | None = None
 
 
 @dataclass
@@ -125,7 +134,11 @@ def make_plan(
     used: set[str] = set()
     modules = dict(model.named_modules())
 
+    sources = checkpoint_sources(model, ckpt)
+
     def find(name: str) -> str | None:
+        if name in sources.renamed:
+            return sources.renamed[name]
         return next((c for c in _candidates(name, prefix) if c in keys), None)
 
     state = model.state_dict(keep_vars=True)
@@ -138,6 +151,15 @@ def make_plan(
         if name in alias:
             entries.append(Entry(name, mod_name, "tied", tied_to=alias[name]))
             continue
+        merged = sources.merged.get(name)
+        if merged is not None:
+            first = ckpt.meta(merged.pieces[0][0])
+            _check_shape(name, t, first, merged.shape)
+            dt = dtype_of.get(name) or _float_dtype(t)
+            used.update(k for k, _, _ in merged.pieces)
+            entries.append(Entry(name, mod_name, "plain", first.name, dtype=dt, nbytes=merged.nbytes,
+                                 pieces=merged.pieces, shape=merged.shape))
+            continue
         src = find(name)
         if src is None:
             # A tied weight saved under its alias (e.g. lm_head stored, embeddings not).
@@ -145,6 +167,11 @@ def make_plan(
             src = next((find(a) for a in twins if find(a)), None)
         quantized = isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and leaf == "weight"
         if src is None:
+            if name in sources.unsupported:
+                err = FastqError(f"{ckpt.path}: transformers assembles '{name}' from several checkpoint tensors, "
+                                 f"and {sources.unsupported[name]}")
+                err.path, err.tensor = ckpt.path, name
+                raise err
             if quantized or isinstance(t, torch.nn.Parameter):
                 missing.append(name)
             continue
@@ -190,6 +217,9 @@ def make_plan(
         _check_shape(name, t, meta, meta.shape)
         dt = dtype_of.get(name) or _float_dtype(t) if meta.torch_dtype.is_floating_point else None
         entries.append(Entry(name, mod_name, "plain", src, dtype=dt, nbytes=meta.nbytes))
+    for e in entries:
+        if e.name in sources.renamed and e.source == sources.renamed[e.name]:
+            e.saved_as = e.source
     # Keys transformers writes that a plan consumes implicitly.
     unused = sorted(k for k in keys - used if not k.endswith("." + WEIGHT_FORMAT))
     return Plan(entries, missing, unused)

@@ -86,11 +86,26 @@ def prefetch_ring() -> threading.Thread:
 
 @dataclass
 class Request:
-    """A tensor whose bytes go to one fresh device buffer; ``key`` is handed back with the buffer."""
+    """A tensor whose bytes go to one fresh device buffer; ``key`` is handed back with the buffer.
+    With ``pieces`` (``(tensor, offset, nbytes)`` each, covering the buffer), the buffer is assembled
+    from several checkpoint tensors (fused MoE experts) and ``tensor`` is unused."""
 
     key: object
     tensor: str
     nbytes: int
+    pieces: tuple[tuple[str, int, int], ...] = ()
+
+    def reads(self, off: int, n: int, at: int):
+        """The reads ``(tensor, tensor offset, len, slot offset)`` that bring bytes ``off..off+n`` of the
+        buffer to ``at`` in a slot."""
+        if not self.pieces:
+            return [(self.tensor, off, n, at)]
+        out = []
+        for name, start, size in self.pieces:
+            a, b = max(off, start), min(off + n, start + size)
+            if a < b:
+                out.append((name, a - start, b - a, at + a - off))
+        return out
 
 
 @dataclass
@@ -224,7 +239,7 @@ def stream_to_device(
         ev = ring.events[slot]
         if ev is not None:
             ev.synchronize()  # the copy out of this slot has finished (GIL released by torch)
-        pieces = [(requests[i].tensor, off, n, at) for i, off, n, at in batches[k]]
+        pieces = [p for i, off, n, at in batches[k] for p in requests[i].reads(off, n, at)]
         tickets.append(reader.submit(pieces, ring.arrays[slot]))
 
     ahead = len(ring) - 1
