@@ -168,3 +168,48 @@ def test_vision_families_renamed_in_transformers_5(tmp_path, name):
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(ref(pixel_values=pixels).last_hidden_state, got(pixel_values=pixels).last_hidden_state)
+
+
+# More decoder families, each built tiny from its transformers config, loaded by both, compared.
+BASE = {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 128, "max_position_embeddings": 64}
+MATRIX = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 4, "pad_token_id": 0}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"num_key_value_heads": 1, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"num_key_value_heads": 2, "head_dim": 16}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {}),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 64}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {"num_key_value_heads": 4}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {"num_key_value_heads": 2}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {"num_key_value_heads": 4}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_key_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2}),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", {"num_key_value_heads": 2, "num_local_experts": 4,
+                                                     "num_experts_per_tok": 2}),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", {"num_key_value_heads": 2, "num_local_experts": 4,
+                                                                 "num_experts_per_tok": 2}),
+}
+
+
+@pytest.mark.parametrize("family", list(MATRIX))
+def test_family_matrix_loads_like_transformers(tmp_path, family):
+    cfg_name, cls_name, extra = MATRIX[family]
+    cfg_cls, model_cls = getattr(transformers, cfg_name, None), getattr(transformers, cls_name, None)
+    if cfg_cls is None or model_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**{**BASE, **extra}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    ref = _reference(tmp_path / "m", NF4)
+    got = fastq.load(tmp_path / "m", BitsAndBytesConfig(**NF4), "cpu", dtype=torch.bfloat16, progress=False)
+    a, b = ref.state_dict(), got.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+    with torch.no_grad():
+        assert torch.equal(ref(_ids()).logits, got(_ids()).logits)
