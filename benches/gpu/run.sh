@@ -7,7 +7,7 @@ export PYTHONPATH=$PWD/.device-site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/fastq-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, accelerate, bitsandbytes, fastq; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', bitsandbytes.__version__, 'fastq', fastq.__version__)" | tee -a "$OUT/gpu.txt"
-timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest tests/test_gpu.py tests/test_transfer.py -q -p no:cacheprovider -x \
+timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest tests/test_gpu.py tests/test_gpu_moe.py tests/test_transfer.py -q -p no:cacheprovider -x \
   2>&1 | tee "$OUT/pytest_gpu.log" | tail -20
 timeout "${GPU_BENCH_TIMEOUT:-380}" python3 benches/gpu/compare.py --work /tmp/fastq-gpu --out "$OUT" "$@" \
   2>&1 | tee "$OUT/compare.log" | grep -v '^{'

@@ -35,7 +35,7 @@ _DTYPE_FIELDS = {
     "torch_dtype": (FLOAT_DTYPES, None),
 }
 # Fields that transformers' config.json entry does not hold; they travel in its "fastq" sub-dict.
-_EXTRA_FIELDS = ("skip_modules", "keep_in_fp32_modules", "torch_dtype", "blocksize")
+_EXTRA_FIELDS = ("skip_modules", "keep_in_fp32_modules", "torch_dtype", "blocksize", "quantize_experts")
 
 
 def parse_dtype(value: Any, field: str, allowed: tuple[torch.dtype, ...], default=None) -> torch.dtype:
@@ -109,6 +109,9 @@ class QuantConfig:
         blocksize: 4-bit block size, a power of two from 32 to 4096. transformers always writes 64,
             but its loader reads the block size from each tensor's ``quant_state`` JSON
             (``Params4bit.from_prequantized``), so other sizes load in transformers too.
+        quantize_experts: also quantize MoE experts that transformers holds as fused 3-D parameters
+            (4-bit or int8 per expert, experts.py), which transformers + bitsandbytes leave in bf16.
+            Off by default, so the default model is transformers' own.
     """
 
     load_in_8bit: bool = False
@@ -125,6 +128,7 @@ class QuantConfig:
     keep_in_fp32_modules: list[str] | None = None
     torch_dtype: torch.dtype | str | None = None
     blocksize: int = 64
+    quantize_experts: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__.__get__(self)

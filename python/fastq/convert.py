@@ -318,6 +318,11 @@ def convert(
     qcfg = QuantConfig.coerce(cfg)
     if qcfg is None:
         raise ConfigError("fastq.convert needs a quantization config (load_in_4bit or load_in_8bit)")
+    if qcfg.quantize_experts:
+        raise ConfigError(
+            "quantize_experts has no checkpoint format transformers or bitsandbytes read yet (bitsandbytes PR "
+            "#1965 is open): convert without it, and pass quantize_experts=True to fastq.load instead"
+        )
     src, dst = Path(src), Path(dst).absolute()
     limit = parse_size(max_shard_size)
     if dst.exists() and not overwrite:

@@ -93,6 +93,11 @@ def set_plain(model: torch.nn.Module, name: str, value: torch.Tensor, device, dt
         value = value.to(dtype)
     if device.type != "cpu":
         value = to_device(value, device)
+    from .experts import QuantizedExperts
+
+    if isinstance(module, QuantizedExperts) and leaf in module.shapes:
+        module.install(leaf, value)  # quantized per expert where it landed; the bf16 copy is dropped
+        return
     old = module._parameters.get(leaf)
     if old is not None or leaf in module._parameters:
         if isinstance(old, bnb.nn.Int8Params):  # llm_int8_has_fp16_weight: 16-bit main weights

@@ -12,7 +12,7 @@ import torch
 
 from .config import QuantConfig
 
-__all__ = ["build_empty", "no_init", "param_dtypes", "quantized_modules", "replace_modules"]
+__all__ = ["build_empty", "init_non_persistent_buffers", "no_init", "param_dtypes", "quantized_modules", "replace_modules"]
 
 
 def build_empty(folder, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -30,7 +30,27 @@ def build_empty(folder, dtype: torch.dtype, trust_remote_code: bool = False) -> 
             model = transformers.AutoModel.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # shared parameters become one object, so the plan sees them as aliases
+    init_non_persistent_buffers(model)
     return model
+
+
+def init_non_persistent_buffers(model) -> None:
+    """Recomputes the buffers no checkpoint holds (rotary tables, position ids) the way ``from_pretrained``
+    does once the weights are in: ``initialize_weights`` outside the dtype of construction, with every
+    parameter and persistent buffer marked initialized so that only those buffers are touched
+    (modeling_utils.py ``_move_missing_keys_from_meta_to_device`` / ``_initialize_missing_keys``).
+    Built under ``dtype=bfloat16``, GPT-J's sinusoidal table was computed in bfloat16 and its logits
+    differed from transformers'."""
+    named = getattr(model, "named_non_persistent_buffers", None)
+    if named is None or not hasattr(model, "initialize_weights"):
+        return
+    volatile = {id(b) for _, b in named()}
+    for p in model.parameters():
+        p._is_hf_initialized = True
+    for _, b in model.named_buffers():
+        if id(b) not in volatile:
+            b._is_hf_initialized = True
+    model.initialize_weights()
 
 
 def _is_hf(model) -> bool:
@@ -46,9 +66,15 @@ def _hf_quantizer(qcfg: QuantConfig):
 
 
 def replace_modules(model, qcfg: QuantConfig, device_map, dtype):
-    """Swaps nn.Linear for bitsandbytes modules; returns transformers' quantizer (or None)."""
+    """Swaps nn.Linear for bitsandbytes modules, and with ``quantize_experts`` fused MoE experts for
+    fastq's ``QuantizedExperts`` (experts.py); returns transformers' quantizer (or None)."""
     with no_init():  # the new modules' meta weights need no random init (it was most of the swap)
-        return _swap(model, qcfg, device_map, dtype)
+        hfq = _swap(model, qcfg, device_map, dtype)
+    if qcfg.quantize_experts:
+        from .experts import swap_experts
+
+        swap_experts(model, qcfg)
+    return hfq
 
 
 def no_init():
