@@ -153,6 +153,12 @@ def make_plan(
             continue
         merged = sources.merged.get(name)
         if merged is not None:
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                err = FastqError(f"{ckpt.path}: '{name}' is quantized by bitsandbytes and assembled by transformers from "
+                                 f"{len(merged.pieces)} checkpoint tensors; fastq does not quantize assembled weights yet "
+                                 "(skip the module with llm_int8_skip_modules)")
+                err.path, err.tensor = ckpt.path, name
+                raise err
             first = ckpt.meta(merged.pieces[0][0])
             _check_shape(name, t, first, merged.shape)
             dt = dtype_of.get(name) or _float_dtype(t)
