@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["STRATEGIES", "check_offload", "cpu_only", "default_device", "device_of", "resolve"]
+__all__ = ["STRATEGIES", "check_offload", "cpu_only", "default_device", "device_of", "quantized_sizes", "resolve"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -75,6 +77,8 @@ def resolve(model: torch.nn.Module, device_map, max_memory=None, hf_quantizer=No
 
 
 def _strategy(model, strategy, max_memory, hf_quantizer, no_split) -> dict:
+    if quantized_sizes(model):
+        return _quantized_strategy(model, strategy, max_memory, no_split)
     if hf_quantizer is not None or hasattr(model, "_no_split_modules"):
         try:  # transformers' own computation, so the same map comes out as from_pretrained's
             from transformers.integrations.accelerate import _get_device_map
@@ -92,6 +96,96 @@ def _strategy(model, strategy, max_memory, hf_quantizer, no_split) -> dict:
             model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=strategy == "balanced_low_0"
         )
     return infer_auto_device_map(model, max_memory=mem, no_split_module_classes=no_split)
+
+
+STATS = "_fastq_stats"
+
+
+def quantized_sizes(model) -> dict[str, tuple[int, int]]:
+    """For each bitsandbytes weight of the skeleton: (bytes of its packed data, bytes of its statistics).
+
+    4-bit: ``ceil(n / 2)`` packed bytes; absmax float32 per block, or with double quantization a byte
+    per block plus float32 per 256 blocks and the 256-entry nested map; the 16-entry code. int8: one byte
+    per weight and float32 per row (``SCB``).
+    """
+    import bitsandbytes as bnb
+
+    out = {}
+    for mname, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        name = f"{mname}.weight" if mname else "weight"
+        if isinstance(w, bnb.nn.Params4bit):
+            n = w.numel()
+            blocks = -(-n // w.blocksize)
+            stats = blocks + (-(-blocks // 256)) * 4 + 256 * 4 if w.compress_statistics else blocks * 4
+            out[name] = ((n + 1) // 2, stats + 16 * 4)
+        elif isinstance(w, bnb.nn.Int8Params) and not w.has_fp16_weights:
+            out[name] = (w.numel(), w.shape[0] * 4)
+    return out
+
+
+@contextlib.contextmanager
+def _exact_sizes(model):
+    """accelerate counts a parameter as numel x element size: a 4-bit weight's ``[out, in]`` uint8
+    placeholder as a byte per weight (twice its packed size) and no statistics, so ``"auto"`` and
+    ``"balanced"`` piled a 4-bit model onto one GPU (accelerate #2586). For the planning only, each
+    quantized weight counts at its packed size (``special_dtypes``: 4 bits, or int8) and a meta buffer
+    on its module holds its statistics' bytes; the buffers are removed afterwards."""
+    from accelerate.utils import CustomDtype
+
+    sizes = quantized_sizes(model)
+    special, owners = {}, []
+    for name, (_, stats) in sizes.items():
+        mname = name.rpartition(".")[0]
+        mod = model.get_submodule(mname) if mname else model
+        special[name] = CustomDtype.INT4 if getattr(mod.weight, "quant_type", None) else torch.int8
+        mod.register_buffer(STATS, torch.empty(stats, dtype=torch.uint8, device="meta"), persistent=False)
+        owners.append(mod)
+    try:
+        yield special
+    finally:
+        for mod in owners:
+            del mod._buffers[STATS]
+
+
+def _quantized_strategy(model, strategy, max_memory, no_split) -> dict:
+    """accelerate's strategies over the bytes each module holds once quantized (``_exact_sizes``), with
+    no other margin than accelerate's own (transformers' bitsandbytes quantizer also keeps 10% of every
+    device back for buffers made while quantizing, which fastq does not make)."""
+    from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    no_split = no_split or getattr(model, "_no_split_modules", None) or []
+    with _exact_sizes(model) as special:
+        mem = get_max_memory(max_memory)
+        if strategy != "sequential":
+            balanced = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                           special_dtypes=special, low_zero=strategy == "balanced_low_0")
+            # Each GPU but the last gets its share of the quantized bytes plus half a block, so that the
+            # split lands within one block of even; and infer_auto_device_map keeps room for its largest
+            # layer on every device but the last (for offloading), which is given back here: without it
+            # the first GPU got two to four blocks fewer than its share.
+            total, largest, block = _layer_sizes(model, no_split, special)
+            gpus = [k for k in balanced if isinstance(k, int)]
+            low_zero = strategy == "balanced_low_0"
+            share = total / max(1, len(gpus) - low_zero)
+            mem = dict(balanced)
+            for i, k in enumerate(gpus[:-1]):
+                if not (low_zero and i == 0):
+                    mem[k] = min(get_max_memory(max_memory)[k], int(share + largest + block // 2))
+        dm = infer_auto_device_map(model, max_memory=mem, no_split_module_classes=no_split, special_dtypes=special)
+    return {k: v for k, v in dm.items() if not k.endswith("." + STATS)}
+
+
+def _layer_sizes(model, no_split, special) -> tuple[int, int, int]:
+    """Bytes of the whole model, of the largest module accelerate places as one piece, and of the largest
+    no-split block (a decoder layer), as they will be held (``_exact_sizes`` in force)."""
+    from accelerate.utils import compute_module_sizes
+    from accelerate.utils.modeling import get_max_layer_size
+
+    sizes = compute_module_sizes(model, special_dtypes=special)
+    largest = get_max_layer_size(list(model.named_children()), sizes, list(no_split))[0]
+    blocks = [sizes[n] for n, m in model.named_modules() if n and type(m).__name__ in no_split]
+    return sizes[""], largest, max(blocks, default=0)
 
 
 def device_of(name: str, device_map: dict) -> str | None:
