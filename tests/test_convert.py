@@ -49,11 +49,14 @@ CONFIGS = {
     "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
     "int8": {"load_in_8bit": True},
     "fp4-bf16-storage": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_quant_storage": torch.bfloat16},
+    "nf4-f16-storage": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": torch.float16},
+    "nf4-f32-storage": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": torch.float32},
     "nf4-skip": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "llm_int8_skip_modules": ["lm_head", "down_proj", "fc2", "wo"]},
 }
 AUTO = {family: auto_class(family) for family in FAMILIES}
 MATRIX = [(f, c) for f in AUTO for c in ("nf4", "int8", "nf4-dq")] + [
     ("llama", "fp4"), ("gpt2", "fp4"), ("llama", "fp4-bf16-storage"), ("llama", "nf4-skip"), ("opt", "nf4-skip"),
+    ("llama", "nf4-f16-storage"), ("llama", "nf4-f32-storage"),
 ]
 
 
