@@ -36,22 +36,27 @@ FAMILIES = {
 }
 
 
+def save_family(tmp_path_factory, family: str) -> str:
+    """A seeded tiny ``family`` model saved by ``save_pretrained`` (legacy names) in a fresh folder."""
+    cfg_cls, model_cls, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    folder = tmp_path_factory.mktemp(family)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    return os.fspath(folder)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """``saved(family) -> folder``: a seeded tiny model saved by ``save_pretrained`` (legacy names)."""
+    """``saved(family) -> folder``: ``save_family``, once per family and module."""
     cache: dict[str, str] = {}
 
     def make(family: str) -> str:
         if family not in cache:
-            cfg_cls, model_cls, kw = FAMILIES[family]
-            torch.manual_seed(0)
-            model = model_cls(cfg_cls(**kw))
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(torch.randn_like(p) * 0.02)
-            folder = tmp_path_factory.mktemp(family)
-            model.to(torch.bfloat16).save_pretrained(folder)
-            cache[family] = os.fspath(folder)
+            cache[family] = save_family(tmp_path_factory, family)
         return cache[family]
 
     return make

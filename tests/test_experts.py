@@ -12,22 +12,14 @@ import torch
 import transformers
 from fastq.dispatch import check_cpu_kernel_shapes
 from fastq.experts import QuantizedExperts
-from test_architectures import FAMILIES, NF4, _ids
+from test_architectures import NF4, _ids, save_family
 
 INT8 = {"load_in_8bit": True}
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
 
 def _folder(tmp_path_factory, family):
-    cfg_cls, model_cls, kw = FAMILIES[family]
-    torch.manual_seed(0)
-    model = model_cls(cfg_cls(**kw))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    folder = tmp_path_factory.mktemp(f"experts-{family}")
-    model.to(torch.bfloat16).save_pretrained(folder)
-    return folder
+    return save_family(tmp_path_factory, family)
 
 
 def _experts(model):

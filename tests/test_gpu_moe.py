@@ -11,22 +11,14 @@ import pytest
 import torch
 import transformers
 from fastq.experts import QuantizedExperts
-from test_architectures import FAMILIES, NF4, _ids
+from test_architectures import FAMILIES, NF4, _ids, save_family
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 INT8 = {"load_in_8bit": True}
 
 
 def _folder(tmp_path_factory, family):
-    cfg_cls, model_cls, kw = FAMILIES[family]
-    torch.manual_seed(0)
-    model = model_cls(cfg_cls(**kw))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    folder = tmp_path_factory.mktemp(f"gpu-{family}")
-    model.to(torch.bfloat16).save_pretrained(folder)
-    return folder
+    return save_family(tmp_path_factory, family)
 
 
 def _ref(folder, cfg, **kw):
