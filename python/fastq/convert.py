@@ -28,6 +28,7 @@ from .bnb_format import QUANT_STATE, QUANT_STATE_SUFFIXES, SCB, WEIGHT_FORMAT, q
 from .config import QuantConfig
 from .dtypes import st_name as _st
 from .errors import ConfigError, OutputExistsError
+from .progress import byte_bar
 
 __all__ = ["Outputs", "convert", "parse_size", "plan_outputs"]
 
@@ -183,9 +184,7 @@ def _source_fingerprint(ckpt) -> list:
 
 
 def _progress_bar(enabled: bool, desc: str):
-    """A progress callback for the Rust writer (bytes read, rate and time left through tqdm)."""
-    from tqdm.auto import tqdm
-
+    """A progress callback for the Rust writer (bytes read, rate and time left: ``progress.byte_bar``)."""
     state = {"bar": None}
 
     def update(done: int, total: int, shards_done: int, shards_total: int, resumed: int) -> None:
@@ -195,7 +194,7 @@ def _progress_bar(enabled: bool, desc: str):
         if bar is None:
             if resumed:
                 print(f"fastq convert: resuming, {resumed} of {shards_total} shard(s) verified and kept", file=sys.stderr)
-            bar = state["bar"] = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+            bar = state["bar"] = byte_bar(total, desc, unit_divisor=1024)
         bar.n = done
         bar.set_postfix_str(f"shards {shards_done}/{shards_total}", refresh=False)
         bar.refresh()
