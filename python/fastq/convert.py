@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import _fastq
-from .atomic import FolderLock, clear, commit, remove_unless_locked, temp_folder
+from .atomic import clear, commit, lock_temp_folder, remove_unless_locked, temp_folder, writing
 from .bnb_format import QUANT_STATE, QUANT_STATE_SUFFIXES, SCB, WEIGHT_FORMAT, quant_state_key
 from .config import QuantConfig
 from .dtypes import st_name as _st
@@ -229,7 +229,8 @@ def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) 
     config.quantization_config = _quantization_config(prepared, qcfg)
     config.dtype = str(outputs.config_dtype).removeprefix("torch.")
     config.architectures = [model.__class__.__name__]
-    config.save_pretrained(tmp)
+    with writing(tmp / "config.json"):
+        config.save_pretrained(tmp)
     src_folder = prepared.source.folder
     if hasattr(model, "can_generate") and model.can_generate():
         from transformers import GenerationConfig
@@ -241,7 +242,8 @@ def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) 
             gen = GenerationConfig.from_pretrained(
                 src_folder, config_file_name="config.json", _from_model_config=True, local_files_only=True
             )
-        gen.save_pretrained(tmp)
+        with writing(tmp / "generation_config.json"):
+            gen.save_pretrained(tmp)
     for p in sorted(src_folder.iterdir()):
         if (
             p.is_file()
@@ -250,7 +252,8 @@ def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) 
             and not p.name.endswith(_WEIGHT_SUFFIXES)
             and not p.name.endswith(".index.json")
         ):
-            shutil.copy2(p, tmp / p.name)
+            with writing(tmp / p.name):
+                shutil.copy2(p, tmp / p.name)
 
 
 def _write_index(tmp: Path, result: dict, total_parameters: int) -> None:
@@ -263,7 +266,9 @@ def _write_index(tmp: Path, result: dict, total_parameters: int) -> None:
         "metadata": {"total_parameters": total_parameters, "total_size": result["total_size"]},
         "weight_map": weight_map,
     }
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    path = tmp / "model.safetensors.index.json"
+    with writing(path):
+        path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def convert(
@@ -302,6 +307,13 @@ def convert(
 
     Returns:
         The path of the converted checkpoint.
+
+    Raises:
+        OutputExistsError: ``dst`` exists and ``overwrite`` is False.
+        FastqIOError: a file cannot be read or written (a full disk, a read-only folder), naming it. A
+            failure while writing the shards keeps the finished ones for ``resume``; one after them
+            (config.json, the tokenizer files, the index, the final rename) leaves nothing behind.
+        ConfigError: an invalid config, or a source that cannot be converted.
     """
     from .loader import prepare
 
@@ -310,10 +322,14 @@ def convert(
         raise ConfigError("fastq.convert needs a quantization config (load_in_4bit or load_in_8bit)")
     src, dst = Path(src), Path(dst).absolute()
     limit = parse_size(max_shard_size)
-    if dst.exists() and not overwrite:
+    if os.path.lexists(dst) and not overwrite:  # a dangling link too: commit would find it
         raise OutputExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
     if src.exists() and dst.exists() and dst.resolve() == src.resolve():
         raise ConfigError(f"{dst} is the source itself; convert into another folder")
+    if src.exists() and dst.is_dir() and dst.resolve() in src.resolve().parents:
+        raise ConfigError(f"{dst} holds the source {src}; replacing it would delete it: convert into another folder")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ConfigError(f"threads={threads!r}: pass a number of threads (1 or more), or None for every core")
     prepared = prepare(src, qcfg, dtype=dtype, trust_remote_code=trust_remote_code)
     if prepared.prequantized:
         raise ConfigError(f"{src} is already quantized (its config.json has a quantization_config)")
@@ -326,12 +342,17 @@ def convert(
         "max_shard_size": limit,
     }
     tmp = temp_folder(dst)
-    lock = FolderLock(tmp)
+    lock = lock_temp_folder(dst)
     update, close_bar = _progress_bar(progress, "fastq convert")
     committed = False
+    # Once every shard is written, a failure (a full disk, a folder that turned read-only) leaves no
+    # temporary folder behind: its space is what the disk lacks. An interruption keeps the shards for
+    # --resume, and so does a failure while writing them (the writer's manifest records each one).
+    discard = False
     try:
         if not resume:
-            clear(tmp)
+            with writing(tmp, "cannot clear it"):
+                clear(tmp)
         try:
             result = _fastq.convert(
                 prepared.ckpt.path, os.fspath(tmp), outputs.jobs, outputs.outputs, limit,
@@ -339,18 +360,26 @@ def convert(
             )
         finally:
             close_bar()
+        discard = True
         _write_index(tmp, result, outputs.total_parameters)
         _write_side_files(prepared, tmp, outputs, qcfg)
         lock.release(remove=True)
         commit(tmp, dst, overwrite, fsync)
         committed = True
     except KeyboardInterrupt:
+        discard = False
         print(f"fastq convert: interrupted; finished shards are kept in {tmp} (run again with --resume)", file=sys.stderr)
+        raise
+    except OutputExistsError:
+        discard = False  # the finished result stays in tmp, as the error says
         raise
     finally:
         lock.release()
         if not committed:
-            _drop_if_empty(tmp)
+            if discard:
+                remove_unless_locked(tmp)
+            else:
+                _drop_if_empty(tmp)
     return dst
 
 
