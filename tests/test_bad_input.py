@@ -1,7 +1,11 @@
-"""Failed writes give typed errors that name the file, never a bare traceback, and leave nothing behind.
+"""Bad inputs and failed writes give typed errors that name the file, never a bare traceback, and leave
+nothing behind.
 
-The write failures are simulated: a file whose writes fail with ENOSPC (what a full disk gives), a folder
-where nothing can be created (what a read-only destination gives), a per-process file-size limit.
+The inputs are a tiny seeded checkpoint (conftest's ``tiny_model``) with one thing broken: config.json
+empty, not JSON, not an object, with a ``quantization_config`` that is a string or another library's, a
+folder where a file belongs, a shape that overflows. The write failures are simulated: a file whose
+writes fail with ENOSPC (what a full disk gives), a folder where nothing can be created (what a
+read-only destination gives), a per-process file-size limit.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +23,7 @@ from pathlib import Path
 import fastq
 import pytest
 from fastq.atomic import temp_folder
+from fastq.inspect import inspect_checkpoint
 
 INT8 = fastq.QuantConfig(load_in_8bit=True)
 NF4 = fastq.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
@@ -31,10 +37,174 @@ def src(tiny_model, tmp_path) -> Path:
     return folder
 
 
+def edit_config(folder: Path, **changes) -> Path:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return path
+
+
 def assert_nothing_left(dst: Path) -> None:
     assert not os.path.lexists(dst), f"{dst} was written"
     assert not temp_folder(dst).exists(), "the temporary folder was left behind"
     assert not (dst.parent / f".{dst.name}.fastq-old").exists()
+
+
+#: Every entry point that reads a checkpoint's config.json.
+READERS = {
+    "load": lambda path: fastq.load(path, NF4, "cpu", progress=False),
+    "convert": lambda path: fastq.convert(path, Path(path).parent / "out", NF4, progress=False),
+    "inspect": lambda path: inspect_checkpoint(path),
+}
+
+
+def raises_naming(cls, path: Path, reader: str):
+    """Runs ``READERS[reader]`` and checks it raises ``cls`` naming ``path`` (message and ``.path``)."""
+    with pytest.raises(cls) as e:
+        READERS[reader](path.parent if path.name == "config.json" else path)
+    assert str(path) in str(e.value), str(e.value)
+    assert e.value.path == str(path)
+    return e.value
+
+
+# -- config.json -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"", "empty"),
+        (b"  \n", "empty"),
+        (b'{"architectures": ["LlamaForCausalLM"', "not valid JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[1, 2]", "a JSON list"),
+        (b'"LlamaForCausalLM"', "a JSON string"),
+    ],
+)
+def test_broken_config_json(src, reader, data, words):
+    path = src / "config.json"
+    path.write_bytes(data)
+    e = raises_naming(fastq.ConfigFileError, path, reader)
+    assert isinstance(e, fastq.ConfigError) and isinstance(e, ValueError)
+    assert words in str(e)
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("value, kind", [("bitsandbytes", "string"), (["nf4"], "list"), (4, "number")])
+def test_quantization_config_that_is_no_object(src, reader, value, kind):
+    path = edit_config(src, quantization_config=value)
+    e = raises_naming(fastq.ConfigFileError, path, reader)
+    assert f"quantization_config is a JSON {kind}" in str(e)
+
+
+@pytest.mark.parametrize("reader", ["load", "convert"])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_foreign_quant_method(src, reader, method):
+    path = edit_config(src, quantization_config={"quant_method": method, "bits": 4})
+    e = raises_naming(fastq.ConfigFileError, path, reader)
+    assert repr(method) in str(e) and "bitsandbytes" in str(e) and "only" in str(e)
+
+
+def test_inspect_reports_a_foreign_quant_method(src):
+    edit_config(src, quantization_config={"quant_method": "gptq", "bits": 4})
+    q = inspect_checkpoint(src, estimate=False)["quantization"]
+    assert q["quant_method"] == "gptq" and q["method"] is None
+
+
+def test_invalid_bitsandbytes_quantization_config_names_the_file(src):
+    path = edit_config(src, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True, "blocksize": 7})
+    e = raises_naming(fastq.ConfigFileError, path, "load")
+    assert "blocksize" in str(e)
+
+
+def test_null_or_empty_quantization_config_is_none(src):
+    for value in (None, {}):
+        edit_config(src, quantization_config=value)
+        assert inspect_checkpoint(src, estimate=False)["quantization"] is None
+
+
+def test_unreadable_config_json(src, monkeypatch):
+    """A PermissionError naming the file (simulated when the tests run as root, whom chmod does not stop)."""
+    path = src / "config.json"
+    if os.geteuid() == 0:
+        read_text = Path.read_text
+
+        def refuse(self, *args, **kwargs):
+            if self == path:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return read_text(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", refuse)
+    else:
+        path.chmod(0)
+    for read in READERS.values():
+        with pytest.raises(PermissionError) as e:
+            read(src)
+        assert str(path) in str(e.value)
+
+
+def test_transformers_refuses_the_config(src):
+    path = src / "config.json"
+    path.write_text(json.dumps({"model_type": "no-such-model"}))
+    raises_naming(fastq.ConfigFileError, path, "convert")
+
+
+def test_quantization_method_without_torch_agrees_with_quantconfig():
+    from fastq.source import quantization_method
+
+    for d in (
+        {"load_in_8bit": True},
+        {"_load_in_8bit": True, "_load_in_4bit": False},
+        {"load_in_4bit": True},
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        {"_load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "quant_method": "bitsandbytes"},
+    ):
+        assert quantization_method(d) == fastq.QuantConfig.from_dict(d).quantization_method(), d
+
+
+# -- folders and files -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_empty_folder(tmp_path, reader):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with pytest.raises(fastq.MissingFileError) as e:
+        READERS[reader](folder)
+    assert str(folder) in str(e.value) and "empty" in str(e.value)
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_folder_where_a_file_belongs(src, reader, name):
+    path = src / name
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(fastq.FastqIOError) as e:
+        READERS[reader](src)
+    assert e.value.path == str(path) and str(path) in str(e.value) and e.value.errno == errno.EISDIR
+
+
+# -- shapes the config cannot give -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reader", ["load", "convert"])
+@pytest.mark.parametrize(
+    "field, value, tensor",
+    [
+        ("vocab_size", 2**64, "model.embed_tokens.weight"),  # TypeError at torch.empty
+        ("vocab_size", 2**62, "model.embed_tokens.weight"),  # RuntimeError: storage size overflowed
+        ("vocab_size", -5, "model.embed_tokens.weight"),
+        ("intermediate_size", 2**64, "model.layers.0.mlp.gate_proj.weight"),
+    ],
+)
+def test_shape_that_overflows(src, reader, field, value, tensor):
+    path = edit_config(src, **{field: value})
+    e = raises_naming(fastq.ShapeError, path, reader)
+    assert e.tensor == tensor and tensor in str(e)
+    assert f"{field}={value}" in str(e)
 
 
 # -- failed writes -----------------------------------------------------------------------------------------
@@ -233,3 +403,10 @@ def test_overwrite_refuses_a_destination_holding_the_source(src, tmp_path):
 def test_convert_refuses_bad_thread_counts(src, tmp_path, threads):
     with pytest.raises(fastq.ConfigError, match="threads"):
         fastq.convert(src, tmp_path / "out", INT8, progress=False, threads=threads)
+
+
+@pytest.mark.parametrize("dtype", ["float7", "int8", "torch.int64", 5])
+def test_dtype_that_is_no_float_dtype(src, tmp_path, dtype):
+    with pytest.raises(fastq.ConfigError) as e:
+        fastq.convert(src, tmp_path / "out", INT8, progress=False, dtype=dtype)
+    assert repr(dtype) in str(e.value) and "None" not in str(e.value)

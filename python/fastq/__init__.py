@@ -12,6 +12,7 @@ from .convert import convert
 from .errors import (
     CancelledError,
     ConfigError,
+    ConfigFileError,
     ConversionLockedError,
     FastqError,
     FastqIOError,
@@ -35,6 +36,7 @@ __all__ = [
     "CancelledError",
     "Checkpoint",
     "ConfigError",
+    "ConfigFileError",
     "ConversionLockedError",
     "FastqError",
     "FastqIOError",

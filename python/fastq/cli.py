@@ -121,8 +121,11 @@ def _inspect(args) -> int:
     if q is None:
         print("  quantization: none")
     else:
-        what = q["method"] or "bitsandbytes"
-        print(f"  quantization: {what}; {sum(q['4bit_weights'].values())} 4-bit and {q['int8_weights']} int8 weights")
+        if q["quant_method"] != "bitsandbytes":
+            print(f"  quantization: {q['quant_method']} (fastq handles bitsandbytes checkpoints only)")
+        else:
+            what = q["method"] or "bitsandbytes"
+            print(f"  quantization: {what}; {sum(q['4bit_weights'].values())} 4-bit and {q['int8_weights']} int8 weights")
     print("  memory of a load (weights):")
     for k, v in r["memory"].items():
         print(f"    {k:>24}: {_size(v)}")

@@ -6,31 +6,134 @@ dtype rules (keep-in-fp32) the plan applies to unquantized tensors.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import os
+from pathlib import Path
 
 import torch
 
 from .config import QuantConfig
+from .errors import ConfigFileError, ShapeError
 
 __all__ = ["build_empty", "no_init", "param_dtypes", "quantized_modules", "replace_modules"]
 
 
 def build_empty(folder, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model of ``folder/config.json`` with parameters on the meta device (buffers stay real)."""
+    """The model of ``folder/config.json`` with parameters on the meta device (buffers stay real).
+
+    Raises:
+        ConfigFileError: transformers refuses the config (an unknown model type, a field of the wrong type).
+        ShapeError: a tensor of the model cannot be made with the shape the config gives (a dimension
+            that overflows or is negative), naming the tensor and the config's out-of-range fields.
+    """
     import transformers
     from accelerate import init_empty_weights
+    from huggingface_hub.errors import StrictDataclassError
 
-    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config_path = Path(folder) / "config.json"
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as e:
+        err = ConfigFileError(f"{config_path}: transformers cannot read it: {_first_lines(e, 2)}")
+        err.path = os.fspath(config_path)
+        raise err from e
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    with init_empty_weights(), no_init():  # meta tensors need no random init (half of building)
-        if cls is not None:
-            model = cls._from_config(config, dtype=dtype)
-        else:
-            model = transformers.AutoModel.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        with init_empty_weights(), no_init():  # meta tensors need no random init (half of building)
+            if cls is not None:
+                model = cls._from_config(config, dtype=dtype)
+            else:
+                model = transformers.AutoModel.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+        shape_error = _shape_error(e, config_path, config.to_dict())
+        if shape_error is None:
+            raise
+        raise shape_error from e
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # shared parameters become one object, so the plan sees them as aliases
     return model
+
+
+# What torch says when a shape cannot be made: too large for int64 or for memory, or negative.
+_SHAPE_FAILURES = ("overflow", "negative dimension", "can't allocate memory")
+# A dimension of this size or more (or a negative one) in config.json is what failed.
+_SUSPECT = 2**31
+
+
+def _first_lines(e: BaseException, n: int = 1) -> str:
+    """The first ``n`` lines of an error's message, as one line (torch appends a C++ backtrace)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return " ".join(lines[:n]) or type(e).__name__
+
+
+def _shape_error(e: BaseException, config_path: Path, config: dict) -> ShapeError | None:
+    """The ``ShapeError`` a failed ``torch.empty`` while building the model stands for, or None when
+    ``e`` is another failure. It names the tensor (``model.embed_tokens.weight``, from the frames that
+    were building it) and the fields of config.json out of range."""
+    reason = _first_lines(e)
+    suspects = [
+        f"{k}={v}" for k, v in config.items() if type(v) is int and (v < 0 or v >= _SUSPECT)
+    ]
+    if not any(k in reason.lower() for k in _SHAPE_FAILURES) or ("allocate" in reason and not suspects):
+        return None  # a real lack of memory with plausible dimensions stays what it is
+    tensor = _tensor_being_built(e)
+    what = f"tensor {tensor}" if tensor else "a tensor of the model"
+    hint = f"; out of range in config.json: {', '.join(suspects)}" if suspects else ""
+    err = ShapeError(f"{config_path}: {what} cannot be made with the shape the config gives ({reason}){hint}")
+    err.path, err.tensor = os.fspath(config_path), tensor
+    return err
+
+
+def _tensor_being_built(e: BaseException) -> str | None:
+    """The dotted name of the tensor whose ``torch.empty`` failed, from the ``__init__`` frames of the
+    modules being built: each was assigning ``self.<name> = ...`` (``model``, ``embed_tokens``,
+    ``weight``), and a comprehension building a layer list holds the layer's index. None when a step
+    is not such an assignment."""
+    parts: list[str] = []
+    tb = e.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in frames:
+        code = frame.f_code
+        if code.co_name in ("<listcomp>", "<genexpr>") and parts:
+            ints = [v for v in frame.f_locals.values() if type(v) is int]
+            if len(ints) == 1:
+                parts.append(str(ints[0]))
+        elif code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), torch.nn.Module):
+            name = _assigned_attribute(code.co_filename, frame.f_lineno)
+            if name is None:
+                return None
+            parts.append(name)
+    return ".".join(parts) if parts else None
+
+
+def _assigned_attribute(filename: str, line: int | None) -> str | None:
+    """``X`` when line ``line`` of ``filename`` is inside a statement ``self.X = ...``."""
+    best = None
+    for start, end, name in _self_assignments(filename):
+        if line is not None and start <= line <= end and (best is None or end - start < best[1] - best[0]):
+            best = (start, end, name)
+    return best[2] if best else None
+
+
+@functools.lru_cache(maxsize=64)
+def _self_assignments(filename: str) -> tuple[tuple[int, int, str], ...]:
+    try:
+        tree = ast.parse(Path(filename).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return ()
+    out = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                out.append((node.lineno, node.end_lineno or node.lineno, t.attr))
+    return tuple(out)
 
 
 def _is_hf(model) -> bool:
