@@ -405,6 +405,14 @@ def test_convert_refuses_bad_thread_counts(src, tmp_path, threads):
         fastq.convert(src, tmp_path / "out", INT8, progress=False, threads=threads)
 
 
+@pytest.mark.parametrize("size", ["infGB", "nanGB", "-infGB", "0.0000001KB", "1e400GB", "GB", True])
+def test_parse_size_refuses_non_sizes(size):
+    from fastq.convert import parse_size
+
+    with pytest.raises(fastq.ConfigError):
+        parse_size(size)
+
+
 @pytest.mark.parametrize("dtype", ["float7", "int8", "torch.int64", 5])
 def test_dtype_that_is_no_float_dtype(src, tmp_path, dtype):
     with pytest.raises(fastq.ConfigError) as e:

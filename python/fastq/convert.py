@@ -14,6 +14,7 @@ match it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -46,11 +47,11 @@ def parse_size(size: int | str) -> int:
     Returns:
         The size in bytes.
     """
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
         if size <= 0:
             raise ConfigError(f"max_shard_size must be positive, got {size}")
         return size
-    s = str(size).strip().upper()
+    s = str(size).strip().upper() if isinstance(size, str) else ""
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     for unit, mult in units.items():
         if s.endswith(unit):
@@ -58,7 +59,8 @@ def parse_size(size: int | str) -> int:
                 value = float(s[: -len(unit)].strip())
             except ValueError:
                 break
-            if value <= 0:
+            # inf, nan and sizes under one byte are no sizes (int() of the first two raises)
+            if not math.isfinite(value) or value * mult < 1:
                 break
             return int(value * mult)
     if s.isdigit() and int(s) > 0:
