@@ -1,6 +1,6 @@
 """The ``fastq`` command, run as users run it (``python -m fastq`` in a subprocess): exit status 2 and one
 error for flags that are malformed or contradict each other, 1 and one line for a fastq error, never a
-traceback; the progress bar shows no rate before there is one.
+traceback; ``--help`` imports none of torch, transformers and bitsandbytes; the progress bar shows no rate before there is one.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from fastq.progress import MIN_ELAPSED, byte_bar, shown_rate
 
 #: The fastq under test, whatever the subprocess' working folder.
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(fastq.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+HEAVY = ("torch", "transformers", "bitsandbytes")
 
 
 def fastq_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -109,6 +110,63 @@ def test_existing_destination(src, tmp_path):
     (tmp_path / "out").mkdir()
     line = assert_one_error_line(fastq_cli("convert", src, tmp_path / "out", "--load-in-8bit"), 1)
     assert "exists" in line
+
+
+# -- start-up: what the commands import -----------------------------------------------------------------
+
+#: Runs ``python -m fastq ARGS`` in this interpreter, then prints which of HEAVY it imported.
+PROBE = (
+    "import json, runpy, sys\n"
+    "sys.argv = ['fastq', *sys.argv[1:]]\n"
+    "try:\n"
+    "    runpy.run_module('fastq', run_name='__main__', alter_sys=True)\n"
+    "except SystemExit as e:\n"
+    "    status = e.code\n"
+    f"print(json.dumps([status, sorted(m for m in {HEAVY!r} if m in sys.modules)]), file=sys.stderr)\n"
+)
+
+
+def imported_by(*args) -> tuple[int, list[str], str]:
+    r = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], check=False, capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    status, heavy = json.loads(r.stderr.strip().splitlines()[-1])
+    return status, heavy, r.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["convert", "--help"], ["inspect", "--help"]])
+def test_help_imports_no_heavy_library(args):
+    status, heavy, out = imported_by(*args)
+    assert status == 0 and "usage: fastq" in out
+    assert heavy == [], f"fastq {' '.join(args)} imported {heavy}"
+
+
+def test_inspect_without_estimates_imports_no_heavy_library(tiny_model):
+    status, heavy, out = imported_by("inspect", tiny_model("llama"), "--no-estimate")
+    assert status == 0 and "21 tensors" in out
+    assert heavy == []
+
+
+def test_inspect_of_a_converted_checkpoint_imports_no_heavy_library(tiny_model, tmp_path):
+    dst = fastq.convert(tiny_model("llama"), tmp_path / "out", fastq.QuantConfig(load_in_8bit=True), progress=False)
+    status, heavy, out = imported_by("inspect", dst, "--verify")
+    assert status == 0 and "llm_int8" in out and "all verified" in out
+    assert heavy == []
+
+
+def test_lazy_package_exports_every_name():
+    code = (
+        "import sys, fastq\n"
+        "assert 'torch' not in sys.modules\n"
+        "from fastq import *\n"
+        "g = globals()\n"
+        "missing = [n for n in fastq.__all__ if n not in g]\n"
+        "from fastq.convert import parse_size\n"  # the submodule must not hide the function
+        "from fastq.save import save as _\n"
+        "print(missing, callable(fastq.convert), callable(fastq.save), fastq.ops.__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[]", "True", "True", "fastq.ops"]
 
 
 # -- the progress bar's rate ------------------------------------------------------------------------------

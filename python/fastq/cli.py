@@ -6,7 +6,8 @@
 
 Exit status: 0 done, 1 a fastq error (the checkpoint, the destination, the disk: one line on stderr),
 2 a usage error (flags that are malformed or contradict each other: argparse's usage and error, or one
-``fastq: error:`` line), 130 interrupted.
+``fastq: error:`` line), 130 interrupted. Nothing heavy is imported before a command needs it: ``--help``
+imports neither torch nor transformers nor bitsandbytes.
 """
 
 from __future__ import annotations
