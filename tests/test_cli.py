@@ -1,6 +1,7 @@
 """The ``fastq`` command, run as users run it (``python -m fastq`` in a subprocess): exit status 2 and one
 error for flags that are malformed or contradict each other, 1 and one line for a fastq error, never a
-traceback; ``--help`` imports none of torch, transformers and bitsandbytes; the progress bar shows no rate before there is one.
+traceback; ``--help`` imports none of torch, transformers and bitsandbytes; bitsandbytes' kernels
+warning is not printed; the progress bar shows no rate before there is one.
 """
 
 from __future__ import annotations
@@ -167,6 +168,42 @@ def test_lazy_package_exports_every_name():
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["[]", "True", "True", "fastq.ops"]
+
+
+# -- bitsandbytes' kernels-community warning -------------------------------------------------------------
+
+
+def test_no_kernels_community_warning(tiny_model, tmp_path):
+    from fastq.logs import BNB_KERNELS_MESSAGE
+
+    plain = subprocess.run([sys.executable, "-c", "import bitsandbytes"], check=False, capture_output=True,
+                           text=True, env=ENV, timeout=300)
+    if BNB_KERNELS_MESSAGE not in plain.stderr:
+        pytest.skip("bitsandbytes does not print the warning here (no AVX512-BF16, or `kernels` installed)")
+    r = fastq_cli("convert", tiny_model("llama"), tmp_path / "out", "--load-in-4bit", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert BNB_KERNELS_MESSAGE not in r.stderr and "kernels" not in r.stderr, r.stderr
+
+
+def test_other_bitsandbytes_messages_pass():
+    import logging
+
+    from fastq.logs import BNB_CPU_LOGGER, BNB_KERNELS_MESSAGE, quiet_bitsandbytes
+
+    quiet_bitsandbytes()
+    quiet_bitsandbytes()  # once is enough; twice adds nothing
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    assert len(logger.filters) == 1
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    try:
+        logger.warning(BNB_KERNELS_MESSAGE + ": %s. Please make sure ...", "No module named 'kernels'")
+        logger.warning("another message")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["another message"]
 
 
 # -- the progress bar's rate ------------------------------------------------------------------------------
