@@ -87,52 +87,68 @@ def _shape_error(e: BaseException, config_path: Path, config: dict) -> ShapeErro
     return err
 
 
-def _tensor_being_built(e: BaseException) -> str | None:
+def _tensor_being_built(e: BaseException, is_module=None) -> str | None:
     """The dotted name of the tensor whose ``torch.empty`` failed, from the ``__init__`` frames of the
     modules being built: each was assigning ``self.<name> = ...`` (``model``, ``embed_tokens``,
-    ``weight``), and a comprehension building a layer list holds the layer's index. None when a step
-    is not such an assignment."""
-    parts: list[str] = []
-    tb = e.__traceback__
+    ``weight``); where that statement builds a list of layers in a comprehension, the comprehension's
+    frame holds the layer's index (Python 3.11; 3.12 inlines list comprehensions and the index is gone
+    with the exception: ``*`` then, as in ``model.layers.*.mlp.gate_proj.weight``). None when a step is
+    not such an assignment. ``is_module``: what counts as a module (default: ``torch.nn.Module``)."""
+    is_module = is_module or (lambda obj: isinstance(obj, torch.nn.Module))
     frames = []
+    tb = e.__traceback__
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
+    parts: list[str] = []
+    loop_vars: tuple[str, ...] = ()  # of the comprehension the last module's statement builds with
     for frame in frames:
         code = frame.f_code
-        if code.co_name in ("<listcomp>", "<genexpr>") and parts:
-            ints = [v for v in frame.f_locals.values() if type(v) is int]
-            if len(ints) == 1:
-                parts.append(str(ints[0]))
-        elif code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), torch.nn.Module):
-            name = _assigned_attribute(code.co_filename, frame.f_lineno)
-            if name is None:
+        if code.co_name in _COMPREHENSIONS and loop_vars:
+            index = [v for k, v in frame.f_locals.items() if k in loop_vars and type(v) is int]
+            parts.append(str(index[0]) if len(index) == 1 else "*")
+            loop_vars = ()
+        elif code.co_name == "__init__" and is_module(frame.f_locals.get("self")):
+            if loop_vars:
+                parts.append("*")
+            found = _assigned_attribute(code.co_filename, frame.f_lineno)
+            if found is None:
                 return None
+            name, loop_vars = found
             parts.append(name)
     return ".".join(parts) if parts else None
 
 
-def _assigned_attribute(filename: str, line: int | None) -> str | None:
-    """``X`` when line ``line`` of ``filename`` is inside a statement ``self.X = ...``."""
+_COMPREHENSIONS = ("<listcomp>", "<genexpr>", "<setcomp>", "<dictcomp>")
+
+
+def _assigned_attribute(filename: str, line: int | None) -> tuple[str, tuple[str, ...]] | None:
+    """``(X, loop variables)`` when line ``line`` of ``filename`` is inside a statement ``self.X = ...``;
+    the loop variables of the comprehensions in its value (``layer_idx``), if any."""
     best = None
-    for start, end, name in _self_assignments(filename):
+    for start, end, name, loop_vars in _self_assignments(filename):
         if line is not None and start <= line <= end and (best is None or end - start < best[1] - best[0]):
-            best = (start, end, name)
-    return best[2] if best else None
+            best = (start, end, name, loop_vars)
+    return (best[2], best[3]) if best else None
 
 
 @functools.lru_cache(maxsize=64)
-def _self_assignments(filename: str) -> tuple[tuple[int, int, str], ...]:
+def _self_assignments(filename: str) -> tuple[tuple[int, int, str, tuple[str, ...]], ...]:
     try:
         tree = ast.parse(Path(filename).read_text(encoding="utf-8"))
     except (OSError, SyntaxError, ValueError):
         return ()
     out = []
+    kinds = (ast.ListComp, ast.GeneratorExp, ast.SetComp, ast.DictComp)
     for node in ast.walk(tree):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
         for t in targets:
             if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
-                out.append((node.lineno, node.end_lineno or node.lineno, t.attr))
+                comps = [n for n in ast.walk(node.value) if isinstance(n, kinds)] if node.value is not None else []
+                loop_vars = tuple(
+                    v.id for c in comps for g in c.generators for v in ast.walk(g.target) if isinstance(v, ast.Name)
+                )
+                out.append((node.lineno, node.end_lineno or node.lineno, t.attr, loop_vars))
     return tuple(out)
 
 
