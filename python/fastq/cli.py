@@ -3,6 +3,11 @@
     fastq convert SRC DST --load-in-4bit --quant-type nf4 [--double-quant] [--max-shard-size 5GB] ...
     fastq inspect PATH [--json] [--verify]
     fastq demo
+
+Exit status: 0 done, 1 a fastq error (the checkpoint, the destination, the disk: one line on stderr),
+2 a usage error (flags that are malformed or contradict each other: argparse's usage and error, or one
+``fastq: error:`` line), 130 interrupted. Nothing heavy is imported before a command needs it: ``--help``
+imports neither torch nor transformers nor bitsandbytes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,20 @@ import json
 import sys
 
 __all__ = ["build_parser", "main"]
+
+
+class UsageError(Exception):
+    """Flags that parse but make no valid command (exit status 2)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1")
+    return value
 
 
 def _bool_pair(group, name: str, dest: str, yes: str, no: str) -> None:
@@ -48,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=float, default=None, help="llm_int8_threshold (default 6.0)")
     c.add_argument("--dtype", default=None, help="dtype of the unquantized tensors (default: the config's)")
     c.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
-    c.add_argument("--threads", type=int, default=None, help="quantization threads (default: every core)")
+    c.add_argument("--threads", type=_positive_int, default=None, help="quantization threads (default: every core)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted conversion into DST")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     c.add_argument("--no-fsync", dest="fsync", action="store_false", help="do not sync files before the final rename")
@@ -83,12 +102,30 @@ def _quant_config(args):
     return QuantConfig(**{k: v for k, v in fields.items() if v is not None})
 
 
+def _checked_convert_flags(args):
+    """The QuantConfig, shard size and dtype the flags ask for; a ``UsageError`` for a value fastq refuses
+    (the checks are QuantConfig's, ``parse_size``'s and the loader's own, so the CLI accepts what the
+    library accepts)."""
+    from .convert import parse_size
+    from .errors import ConfigError
+    from .resolve import dtype_from_name
+
+    try:
+        cfg = _quant_config(args)
+        limit = parse_size(args.max_shard_size)
+        if args.dtype is not None and args.dtype != "auto":
+            dtype_from_name(args.dtype, "--dtype")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    return cfg, limit
+
+
 def _convert(args) -> int:
+    cfg, limit = _checked_convert_flags(args)
     from .convert import convert
 
-    cfg = _quant_config(args)
     dst = convert(
-        args.src, args.dst, cfg, max_shard_size=args.max_shard_size, threads=args.threads, resume=args.resume,
+        args.src, args.dst, cfg, max_shard_size=limit, threads=args.threads, resume=args.resume,
         progress=not args.quiet, dtype=args.dtype, overwrite=args.overwrite, fsync=args.fsync,
         trust_remote_code=args.trust_remote_code,
     )
@@ -121,8 +158,11 @@ def _inspect(args) -> int:
     if q is None:
         print("  quantization: none")
     else:
-        what = q["method"] or "bitsandbytes"
-        print(f"  quantization: {what}; {sum(q['4bit_weights'].values())} 4-bit and {q['int8_weights']} int8 weights")
+        if q["quant_method"] != "bitsandbytes":
+            print(f"  quantization: {q['quant_method']} (fastq handles bitsandbytes checkpoints only)")
+        else:
+            what = q["method"] or "bitsandbytes"
+            print(f"  quantization: {what}; {sum(q['4bit_weights'].values())} 4-bit and {q['int8_weights']} int8 weights")
     print("  memory of a load (weights):")
     for k, v in r["memory"].items():
         print(f"    {k:>24}: {_size(v)}")
@@ -146,19 +186,29 @@ def _demo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fastq`` console script; returns the exit status (0 ok, 1 error, 130 Ctrl-C)."""
-    from .errors import FastqError
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
-    args = build_parser().parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastq`` console script; returns the exit status (0 ok, 1 error, 2 usage,
+    130 Ctrl-C)."""
+    from .errors import FastqError
+    from .logs import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
+    args = build_parser().parse_args(argv)  # exits with 2 on a usage error
     run = {"convert": _convert, "inspect": _inspect, "demo": _demo}[args.command]
     try:
         return run(args)
+    except UsageError as e:
+        print(f"fastq: error: {_one_line(e)} (see fastq {args.command} --help)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastq: interrupted", file=sys.stderr)
         return 130
     except (FastqError, OSError) as e:
-        print(f"fastq: error: {e}", file=sys.stderr)
+        print(f"fastq: error: {_one_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -15,12 +15,12 @@ import torch
 
 from .checkpoint import SPEC_INT8, Spec4bit
 from .errors import ConfigError
+from .source import QUANT_METHOD
 
-__all__ = ["QuantConfig"]
+__all__ = ["QuantConfig", "dtype_named", "parse_dtype"]
 
 _log = logging.getLogger(__name__)
 
-QUANT_METHOD = "bitsandbytes"
 QUANT_TYPES = ("nf4", "fp4")
 # bitsandbytes' quantize_4bit accepts these (functional.py, `blocksize not in (32, ..., 4096)`).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -53,15 +53,20 @@ def parse_dtype(value: Any, field: str, allowed: tuple[torch.dtype, ...], defaul
     if value is None:
         return default
     names = ", ".join(repr(str(d).removeprefix("torch.")) for d in allowed)
-    dtype = value
-    if isinstance(value, str):
-        name = value.strip().lower().removeprefix("torch.")
-        dtype = getattr(torch, _ALIASES.get(name, name), None)
+    dtype = dtype_named(value) if isinstance(value, str) else value
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"{field}={value!r} is not a dtype; pass a torch.dtype or one of {names}")
     if dtype not in allowed:
         raise ConfigError(f"{field}={value!r} is not supported; use one of {names}")
     return dtype
+
+
+def dtype_named(name: str) -> torch.dtype | None:
+    """The torch dtype ``"bfloat16"``, ``"torch.bfloat16"``, ``"BF16"`` or ``"bf16"`` stands for; None
+    for a name that is no dtype."""
+    key = name.strip().lower().removeprefix("torch.")
+    dtype = getattr(torch, _ALIASES.get(key, key), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

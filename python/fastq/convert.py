@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from . import _fastq
-from .atomic import FolderLock, clear, commit, remove_unless_locked, temp_folder
+from .atomic import clear, commit, lock_temp_folder, remove_unless_locked, temp_folder, writing
 from .bnb_format import QUANT_STATE, QUANT_STATE_SUFFIXES, SCB, WEIGHT_FORMAT, quant_state_key
 from .config import QuantConfig
 from .dtypes import st_name as _st
 from .errors import ConfigError, OutputExistsError
+from .progress import byte_bar
 
 __all__ = ["Outputs", "convert", "parse_size", "plan_outputs"]
 
@@ -46,11 +47,11 @@ def parse_size(size: int | str) -> int:
     Returns:
         The size in bytes.
     """
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
         if size <= 0:
             raise ConfigError(f"max_shard_size must be positive, got {size}")
         return size
-    s = str(size).strip().upper()
+    s = str(size).strip().upper() if isinstance(size, str) else ""
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     for unit, mult in units.items():
         if s.endswith(unit):
@@ -58,7 +59,8 @@ def parse_size(size: int | str) -> int:
                 value = float(s[: -len(unit)].strip())
             except ValueError:
                 break
-            if value <= 0:
+            # inf, nan and sizes under one byte are no sizes (int() of the first two raises)
+            if not math.isfinite(value) or value * mult < 1:
                 break
             return int(value * mult)
     if s.isdigit() and int(s) > 0:
@@ -192,9 +194,7 @@ def _source_fingerprint(ckpt) -> list:
 
 
 def _progress_bar(enabled: bool, desc: str):
-    """A progress callback for the Rust writer (bytes read, rate and time left through tqdm)."""
-    from tqdm.auto import tqdm
-
+    """A progress callback for the Rust writer (bytes read, rate and time left: ``progress.byte_bar``)."""
     state = {"bar": None}
 
     def update(done: int, total: int, shards_done: int, shards_total: int, resumed: int) -> None:
@@ -204,7 +204,7 @@ def _progress_bar(enabled: bool, desc: str):
         if bar is None:
             if resumed:
                 print(f"fastq convert: resuming, {resumed} of {shards_total} shard(s) verified and kept", file=sys.stderr)
-            bar = state["bar"] = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+            bar = state["bar"] = byte_bar(total, desc, unit_divisor=1024)
         bar.n = done
         bar.set_postfix_str(f"shards {shards_done}/{shards_total}", refresh=False)
         bar.refresh()
@@ -239,7 +239,8 @@ def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) 
     config.quantization_config = _quantization_config(prepared, qcfg)
     config.dtype = str(outputs.config_dtype).removeprefix("torch.")
     config.architectures = [model.__class__.__name__]
-    config.save_pretrained(tmp)
+    with writing(tmp / "config.json"):
+        config.save_pretrained(tmp)
     src_folder = prepared.source.folder
     if hasattr(model, "can_generate") and model.can_generate():
         from transformers import GenerationConfig
@@ -251,7 +252,8 @@ def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) 
             gen = GenerationConfig.from_pretrained(
                 src_folder, config_file_name="config.json", _from_model_config=True, local_files_only=True
             )
-        gen.save_pretrained(tmp)
+        with writing(tmp / "generation_config.json"):
+            gen.save_pretrained(tmp)
     for p in sorted(src_folder.iterdir()):
         if (
             p.is_file()
@@ -260,7 +262,8 @@ def _write_side_files(prepared, tmp: Path, outputs: Outputs, qcfg: QuantConfig) 
             and not p.name.endswith(_WEIGHT_SUFFIXES)
             and not p.name.endswith(".index.json")
         ):
-            shutil.copy2(p, tmp / p.name)
+            with writing(tmp / p.name):
+                shutil.copy2(p, tmp / p.name)
 
 
 def _write_index(tmp: Path, result: dict, total_parameters: int) -> None:
@@ -273,7 +276,9 @@ def _write_index(tmp: Path, result: dict, total_parameters: int) -> None:
         "metadata": {"total_parameters": total_parameters, "total_size": result["total_size"]},
         "weight_map": weight_map,
     }
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    path = tmp / "model.safetensors.index.json"
+    with writing(path):
+        path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def convert(
@@ -312,6 +317,13 @@ def convert(
 
     Returns:
         The path of the converted checkpoint.
+
+    Raises:
+        OutputExistsError: ``dst`` exists and ``overwrite`` is False.
+        FastqIOError: a file cannot be read or written (a full disk, a read-only folder), naming it. A
+            failure while writing the shards keeps the finished ones for ``resume``; one after them
+            (config.json, the tokenizer files, the index, the final rename) leaves nothing behind.
+        ConfigError: an invalid config, or a source that cannot be converted.
     """
     from .loader import prepare
 
@@ -325,10 +337,14 @@ def convert(
         )
     src, dst = Path(src), Path(dst).absolute()
     limit = parse_size(max_shard_size)
-    if dst.exists() and not overwrite:
+    if os.path.lexists(dst) and not overwrite:  # a dangling link too: commit would find it
         raise OutputExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
     if src.exists() and dst.exists() and dst.resolve() == src.resolve():
         raise ConfigError(f"{dst} is the source itself; convert into another folder")
+    if src.exists() and dst.is_dir() and dst.resolve() in src.resolve().parents:
+        raise ConfigError(f"{dst} holds the source {src}; replacing it would delete it: convert into another folder")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ConfigError(f"threads={threads!r}: pass a number of threads (1 or more), or None for every core")
     prepared = prepare(src, qcfg, dtype=dtype, trust_remote_code=trust_remote_code)
     if prepared.prequantized:
         raise ConfigError(f"{src} is already quantized (its config.json has a quantization_config)")
@@ -341,12 +357,17 @@ def convert(
         "max_shard_size": limit,
     }
     tmp = temp_folder(dst)
-    lock = FolderLock(tmp)
+    lock = lock_temp_folder(dst)
     update, close_bar = _progress_bar(progress, "fastq convert")
     committed = False
+    # Once every shard is written, a failure (a full disk, a folder that turned read-only) leaves no
+    # temporary folder behind: its space is what the disk lacks. An interruption keeps the shards for
+    # --resume, and so does a failure while writing them (the writer's manifest records each one).
+    discard = False
     try:
         if not resume:
-            clear(tmp)
+            with writing(tmp, "cannot clear it"):
+                clear(tmp)
         try:
             result = _fastq.convert(
                 prepared.ckpt.path, os.fspath(tmp), outputs.jobs, outputs.outputs, limit,
@@ -354,18 +375,26 @@ def convert(
             )
         finally:
             close_bar()
+        discard = True
         _write_index(tmp, result, outputs.total_parameters)
         _write_side_files(prepared, tmp, outputs, qcfg)
         lock.release(remove=True)
         commit(tmp, dst, overwrite, fsync)
         committed = True
     except KeyboardInterrupt:
+        discard = False
         print(f"fastq convert: interrupted; finished shards are kept in {tmp} (run again with --resume)", file=sys.stderr)
+        raise
+    except OutputExistsError:
+        discard = False  # the finished result stays in tmp, as the error says
         raise
     finally:
         lock.release()
         if not committed:
-            _drop_if_empty(tmp)
+            if discard:
+                remove_unless_locked(tmp)
+            else:
+                _drop_if_empty(tmp)
     return dst
 
 

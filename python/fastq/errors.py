@@ -7,6 +7,7 @@ from __future__ import annotations
 __all__ = [
     "CancelledError",
     "ConfigError",
+    "ConfigFileError",
     "ConversionLockedError",
     "FastqError",
     "FastqIOError",
@@ -77,6 +78,12 @@ class InvalidArgumentError(FastqError, ValueError):
 
 class ConfigError(FastqError, ValueError):
     """An invalid quantization configuration."""
+
+
+class ConfigFileError(ConfigError):
+    """A checkpoint's config.json that fastq cannot use (``path`` is the file): empty, not JSON, not a JSON
+    object, one transformers refuses, or a ``quantization_config`` that is not an object or is not
+    bitsandbytes' (a GPTQ or AWQ checkpoint)."""
 
 
 class OutputExistsError(FastqError, FileExistsError):

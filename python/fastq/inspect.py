@@ -13,16 +13,20 @@ from pathlib import Path
 
 from . import _fastq
 from .bnb_format import SCB, quant_state_type
-from .checkpoint import Checkpoint
-from .config import QuantConfig
-from .convert import plan_outputs
-from .loader import prepare
+from .errors import HeaderError
+from .source import QUANT_METHOD, Source, quant_method, quantization_method, saved_quantization
 
 __all__ = ["estimate_bytes", "inspect_checkpoint", "shard_digest", "verify_shards"]
+
+# Only the estimates build the model (torch, transformers, bitsandbytes): the rest of the report reads
+# headers and JSON, so ``fastq inspect --no-estimate`` or of a quantized checkpoint imports none of them.
 
 
 def estimate_bytes(path: Path, cfg) -> int:
     """Bytes of every tensor a load with ``cfg`` holds (what ``convert`` would write)."""
+    from .convert import plan_outputs
+    from .loader import prepare
+
     prepared = prepare(path, cfg)
     out = plan_outputs(prepared)
     layout = _fastq.plan_layout(prepared.ckpt.path, out.jobs, out.outputs, 1 << 62)
@@ -39,54 +43,73 @@ def inspect_checkpoint(path: str | os.PathLike, *, estimate: bool = True, verify
 
     Returns:
         ``tensors``, ``total_bytes``, ``dtypes`` ({dtype: {"tensors", "bytes"}}), ``shards``,
-        ``quantization`` (None or a description), ``memory`` ({"as stored", "4-bit nf4", ...}), and
-        ``manifest`` where one exists.
+        ``quantization`` (None or a description: ``quant_method``, ``method`` - "nf4", "fp4",
+        "llm_int8", None for another library's -, ``config``, ``4bit_weights``, ``int8_weights``),
+        ``memory`` ({"as stored", "4-bit nf4", ...}), and ``manifest`` where one exists.
     """
     p = Path(path)
-    ckpt = Checkpoint(p)
-    folder = p if p.is_dir() else p.parent
-    metas = [ckpt.meta(k) for k in ckpt.keys()]  # noqa: SIM118 - keys() keeps file order
+    src = Source(p)
+    ckpt = _fastq.Checkpoint(os.fspath(p))
+    metas = ckpt.tensors()  # (name, dtype, shape, file, nbytes), shard by shard in file order
     by_dtype: dict[str, dict] = {}
-    for m in metas:
-        d = by_dtype.setdefault(m.dtype, {"tensors": 0, "bytes": 0})
+    for _, dtype, _, _, nbytes in metas:
+        d = by_dtype.setdefault(dtype, {"tensors": 0, "bytes": 0})
         d["tensors"] += 1
-        d["bytes"] += m.nbytes
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    keys = ckpt.keys()
+        d["bytes"] += nbytes
+    config = src.raw_config()
+    keys = [m[0] for m in metas]
     packed = Counter(t for t in map(quant_state_type, keys) if t is not None)
     scb = sum(1 for k in keys if k.endswith("." + SCB))
     quant = None
-    qc = config.get("quantization_config")
+    qc = saved_quantization(config, src.config_path)
     if qc or packed or scb:
+        method = quant_method(qc) if qc else QUANT_METHOD
         quant = {
             "config": qc,
             "4bit_weights": dict(packed),
             "int8_weights": scb,
-            "method": (QuantConfig.coerce(qc).quantization_method() if qc and qc.get("quant_method", "bitsandbytes") == "bitsandbytes" else None),
+            "quant_method": method,
+            "method": quantization_method(qc) if qc and method == QUANT_METHOD else None,
         }
+    total = sum(m[4] for m in metas)
     report = {
         "path": os.fspath(p),
         "architectures": config.get("architectures"),
         "tensors": len(metas),
-        "total_bytes": sum(m.nbytes for m in metas),
-        "shards": len(ckpt.shard_paths),
+        "total_bytes": total,
+        "shards": len(ckpt.shard_paths()),
         "dtypes": by_dtype,
         "quantization": quant,
-        "memory": {"as stored": sum(m.nbytes for m in metas)},
+        "memory": {"as stored": total},
     }
     if estimate and config and quant is None:
+        from .config import QuantConfig
+
+        folder = src.folder
         report["memory"]["4-bit nf4"] = estimate_bytes(folder, QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
         report["memory"]["4-bit nf4, double quant"] = estimate_bytes(
             folder, QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
         )
         report["memory"]["8-bit"] = estimate_bytes(folder, QuantConfig(load_in_8bit=True))
-    manifest = folder / "fastq-manifest.json"
+    manifest = src.folder / "fastq-manifest.json"
     if manifest.is_file():
-        m = json.loads(manifest.read_text())
+        m = _read_manifest(manifest)
         report["manifest"] = {"shards": len(m.get("shards", {})), "fastq_version": m.get("fastq_version")}
         if verify:
-            report["manifest"]["verified"] = verify_shards(folder, m)
+            report["manifest"]["verified"] = verify_shards(src.folder, m)
     return report
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        m = None
+    if not isinstance(m, dict) or not isinstance(m.get("shards", {}), dict):
+        err = HeaderError(f"{path}: not the manifest fastq convert writes (a JSON object with \"shards\")")
+        err.path = os.fspath(path)
+        raise err
+    return m
 
 
 def shard_digest(path: Path) -> str:

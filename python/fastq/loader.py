@@ -25,12 +25,16 @@ from .checkpoint import Checkpoint
 from .config import QuantConfig
 from .dispatch import finalize, raise_glibc_mmap_threshold
 from .errors import ConfigError
+from .logs import quiet_bitsandbytes
 from .placement import fill, start_prefetch
 from .plan import Plan, check_complete, make_plan, warn_non_finite
 from .resolve import Inputs, Source, resolve_inputs
 from .skeleton import build_empty, param_dtypes, quantized_modules, replace_modules
 
 __all__ = ["Prepared", "load", "load_and_quantize_model", "prepare"]
+
+# Before anything here imports bitsandbytes (transformers' quantizer does, building the skeleton).
+quiet_bitsandbytes()
 
 
 def load(

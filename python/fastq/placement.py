@@ -23,6 +23,7 @@ from .device_fill import cuda_device, fill_on_device
 from .errors import ConfigError
 from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .plan import Plan
+from .progress import byte_bar
 
 __all__ = ["fill", "start_prefetch"]
 
@@ -46,9 +47,7 @@ def fill(
     Returns:
         The index of the tensors offloaded to disk (accelerate's ``offload_index``; empty if none).
     """
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="fastq.load", disable=not progress)
+    bar = byte_bar(plan.nbytes, "fastq.load", disable=not progress)
     if any(cuda_device(v) is not None for v in dmap.values()):
         left = fill_on_device(
             model, ckpt, [e for e in plan.entries if e.kind != "tied"], dmap, qcfg.spec if qcfg else None,

@@ -16,8 +16,8 @@ import torch
 from .bnb_format import QUANT_STATE, QUANT_STATE_SUFFIXES, SCB, WEIGHT_FORMAT, quant_state_owner
 from .checkpoint import Checkpoint
 from .errors import FastqError, ShapeError
+from .key_mapping import checkpoint_sources
 from .prequantized import check_prequantized_4bit, check_prequantized_int8
-from .sources import checkpoint_sources
 
 __all__ = ["Entry", "Plan", "check_complete", "make_plan", "warn_non_finite"]
 
@@ -44,7 +44,7 @@ class Entry:
     tied_to: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
     #: For a tensor transformers assembles from several checkpoint tensors (fused MoE experts):
-    #: ``(checkpoint tensor, byte offset, nbytes)`` of each piece (sources.py); ``source`` is the first.
+    #: ``(checkpoint tensor, byte offset, nbytes)`` of each piece (key_mapping.py); ``source`` is the first.
     pieces: tuple[tuple[str, int, int], ...] = ()
     #: The assembled tensor's shape (with ``pieces``).
     shape: tuple[int, ...] = ()

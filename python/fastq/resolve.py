@@ -8,35 +8,18 @@ they decide alike.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .checkpoint import Checkpoint
-from .config import QuantConfig
-from .errors import ConfigError, MissingFileError
+from .config import QuantConfig, dtype_named
+from .errors import ConfigError
+from .source import Source, require_bitsandbytes, saved_quantization
 
-__all__ = ["Inputs", "Source", "resolve_inputs"]
-
-
-class Source:
-    """Where the config and the weights are."""
-
-    def __init__(self, path: str | os.PathLike):
-        p = Path(path)
-        if not p.exists():
-            raise MissingFileError(f"{p}: no such file or folder")
-        self.path = p
-        self.folder = p if p.is_dir() else p.parent
-        self.weights = p
-        self.config_path = self.folder / "config.json" if (self.folder / "config.json").is_file() else None
-
-    def raw_config(self) -> dict:
-        return json.loads(self.config_path.read_text()) if self.config_path else {}
+__all__ = ["Inputs", "Source", "dtype_from_name", "resolve_inputs"]
 
 
 @dataclass
@@ -69,7 +52,7 @@ def resolve_inputs(path, cfg, dtype, model: torch.nn.Module | None = None) -> In
     """
     src = Source(path)
     raw_config = src.raw_config()
-    qcfg, prequantized = _quant_config(cfg, raw_config)
+    qcfg, prequantized = _quant_config(cfg, raw_config, src)
     cast = model is not None and _explicit_dtype(dtype, qcfg)
     if model is not None and not cast:
         dtype = _model_dtype(model)
@@ -79,11 +62,13 @@ def resolve_inputs(path, cfg, dtype, model: torch.nn.Module | None = None) -> In
     return Inputs(src, ckpt, qcfg, prequantized, dtype, cast)
 
 
-def _quant_config(cfg, raw_config: dict) -> tuple[QuantConfig | None, bool]:
-    """The config to apply and whether the checkpoint is already quantized."""
-    saved = raw_config.get("quantization_config")
-    if saved and saved.get("quant_method", "bitsandbytes") == "bitsandbytes":
-        saved_cfg = QuantConfig.coerce(saved)
+def _quant_config(cfg, raw_config: dict, src: Source) -> tuple[QuantConfig | None, bool]:
+    """The config to apply and whether the checkpoint is already quantized (another library's
+    quantization is refused: its weights are not bitsandbytes', nor are they unquantized)."""
+    saved = saved_quantization(raw_config, src.config_path)
+    if saved is not None:
+        require_bitsandbytes(saved, src.config_path)
+        saved_cfg = _saved_config(saved, src)
         given = QuantConfig.coerce(cfg)
         if given is not None and given != saved_cfg:
             warnings.warn(
@@ -94,6 +79,21 @@ def _quant_config(cfg, raw_config: dict) -> tuple[QuantConfig | None, bool]:
             )
         return saved_cfg, True
     return QuantConfig.coerce(cfg), False
+
+
+def _saved_config(saved: dict, src: Source) -> QuantConfig:
+    """config.json's bitsandbytes ``quantization_config`` as a QuantConfig; an invalid one is a
+    ``ConfigFileError`` naming the file."""
+    from .errors import ConfigFileError
+
+    try:
+        return QuantConfig.from_dict(saved)
+    except ConfigFileError:
+        raise
+    except ConfigError as e:
+        err = ConfigFileError(f"{src.config_path}: its quantization_config is invalid: {e}")
+        err.path = os.fspath(src.config_path)
+        raise err from None
 
 
 def _transformers_default_dtype() -> str | None:
@@ -124,11 +124,29 @@ def _resolve_dtype(dtype, qcfg: QuantConfig | None, raw_config: dict) -> torch.d
         dtype = _transformers_default_dtype()
     if dtype == "auto":
         name = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32"
-        dtype = getattr(torch, str(name).removeprefix("torch."))
+        return dtype_from_name(str(name), "config.json's dtype")
     if dtype is None:
         return torch.get_default_dtype()
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ConfigError(f"dtype {dtype!r} is not a torch dtype")
+        return dtype_from_name(dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype={dtype!r} is not a floating-point torch dtype; {_DTYPE_HINT}")
+    return dtype
+
+
+_DTYPE_HINT = 'use e.g. "bfloat16", "float16", "float32" or "auto" (the config\'s)'
+
+
+def dtype_from_name(name: str, what: str = "dtype") -> torch.dtype:
+    """The floating-point torch dtype a name stands for (``"bfloat16"``, ``"torch.float16"``, ``"bf16"``).
+
+    Raises:
+        ConfigError: the name is no torch dtype, or not a floating-point one (transformers builds no
+            model in an integer dtype).
+    """
+    dtype = dtype_named(name)
+    if dtype is None:
+        raise ConfigError(f"{what} {name!r} is not a torch dtype; {_DTYPE_HINT}")
+    if not dtype.is_floating_point:
+        raise ConfigError(f"{what} {name!r} is not a floating-point dtype; {_DTYPE_HINT}")
     return dtype

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import commit, fsync_path, temp_folder
+from .atomic import commit, fsync_path, io_error, remove, temp_folder, writing
 from .convert import parse_size
 from .errors import OutputExistsError, UnsavableModelError
 
@@ -72,6 +72,7 @@ def save(
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is False.
+        FastqIOError: a file cannot be written (a full disk, a read-only folder); nothing is left behind.
         UnsavableModelError: the model ran on the CPU, and bitsandbytes repacked its 4-bit weights lossily.
     """
     from transformers import PreTrainedModel
@@ -86,23 +87,28 @@ def save(
             "the model's MoE experts were quantized by fastq (quantize_experts), a layout no loader reads yet "
             "(bitsandbytes PR #1965 is open); load with quantize_experts=False to save it"
         )
-    if dst.exists() and not overwrite:
+    if os.path.lexists(dst) and not overwrite:  # a dangling link too: commit would find it
         raise OutputExistsError(f"{dst} exists; pass overwrite=True to replace it")
     tmp = temp_folder(dst)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     try:
-        if isinstance(model, PreTrainedModel):
-            _save_pretrained(model, tmp, limit)
-        else:
-            from huggingface_hub import save_torch_state_dict
+        remove(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise io_error(tmp.parent, e, f"cannot create {tmp.name} here for {dst.name}") from e
+    try:
+        # transformers writes every file; an error without a file name (a full disk) names the folder
+        with writing(tmp):
+            if isinstance(model, PreTrainedModel):
+                _save_pretrained(model, tmp, limit)
+            else:
+                from huggingface_hub import save_torch_state_dict
 
-            save_torch_state_dict(model.state_dict(), tmp, max_shard_size=limit, metadata={"format": "pt"})
+                save_torch_state_dict(model.state_dict(), tmp, max_shard_size=limit, metadata={"format": "pt"})
         if fsync:
             for p in tmp.iterdir():
                 if p.is_file():
-                    fsync_path(p)
+                    with writing(p, "cannot sync it"):
+                        fsync_path(p)
         commit(tmp, dst, overwrite, fsync)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
