@@ -79,6 +79,7 @@ impl Manifest {
         };
         let m: Manifest = serde_json::from_slice(&text).map_err(|e| Error::InvalidHeader {
             path: path.clone(),
+            tensor: String::new(),
             reason: format!("not a fastq manifest: {e}"),
         })?;
         let differs = |what: &str| {

@@ -58,15 +58,20 @@ impl Buffer {
         }
     }
     /// A window `start..end` of a shard mapping.
-    pub fn from_map(map: Arc<MmapMut>, start: usize, end: usize) -> Self {
-        assert!(start <= end && end <= map.len());
-        // SAFETY: start..end lies inside the mapping (asserted); the Arc keeps the mapping alive.
+    pub fn from_map(map: Arc<MmapMut>, start: usize, end: usize) -> fastq::Result<Self> {
+        if start > end || end > map.len() {
+            return Err(fastq::Error::Internal(format!(
+                "bytes {start}..{end} are outside a {}-byte mapping",
+                map.len()
+            )));
+        }
+        // SAFETY: start..end lies inside the mapping (checked above); the Arc keeps it alive.
         let ptr = unsafe { (map.as_ptr() as *mut u8).add(start) };
-        Buffer {
+        Ok(Buffer {
             _owner: Owner::Map(map),
             ptr,
             len: end - start,
-        }
+        })
     }
 }
 

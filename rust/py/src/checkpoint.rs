@@ -71,7 +71,7 @@ impl Checkpoint {
     fn get(&self, name: &str) -> PyResult<Buffer> {
         let t = self.inner.info(name).py_err()?;
         let map = self.inner.shards[t.shard].map.clone();
-        Ok(Buffer::from_map(map, t.start, t.end))
+        Buffer::from_map(map, t.start, t.end).py_err()
     }
 
     /// Maps the pages of the named tensors into the process in parallel (GIL released), so that the
