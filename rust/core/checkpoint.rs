@@ -7,10 +7,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::MmapOptions;
 
 use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
+use crate::guard::GuardedMap;
 use crate::header::{parse_header, parse_index};
 
 pub use crate::header::TensorInfo;
@@ -23,8 +24,8 @@ pub struct Shard {
     /// The shard's `.safetensors` file.
     pub path: PathBuf,
     /// Private copy-on-write mapping: readable by every thread, writable by Python without ever
-    /// touching the file.
-    pub map: Arc<MmapMut>,
+    /// touching the file; guarded against the file being cut short underneath it (`guard`).
+    pub map: Arc<GuardedMap>,
     /// The header's `__metadata__` entries.
     pub metadata: BTreeMap<String, String>,
     /// Start of the data section.
@@ -192,7 +193,7 @@ impl Checkpoint {
     /// stays bounded by what is in flight (the page cache keeps them for other readers). Pages Python
     /// wrote to in this range are discarded too; the pipeline calls it only for tensors it consumed.
     pub fn release(&self, t: &TensorInfo) {
-        let map = &self.shards[t.shard].map;
+        let map = self.shards[t.shard].map.mmap();
         let page = 4096;
         let start = t.start.div_ceil(page) * page;
         let end = (t.end / page * page).min(map.len());
@@ -251,12 +252,13 @@ impl Checkpoint {
     }
 
     /// Maps the pages of `t` into this process ahead of use (`MADV_POPULATE_READ`, Linux 5.14+): the
-    /// kernel reads them in one pass instead of one page fault per 4 KiB on first touch. Errors (older
-    /// kernels) are ignored: the pages then fault in as they are used.
-    pub fn populate(&self, t: &TensorInfo) {
+    /// kernel reads them in one pass instead of one page fault per 4 KiB on first touch. Kernels
+    /// without it are ignored (the pages then fault in as they are used); a shard cut short since it
+    /// was opened is `ShardTruncated` (the kernel refuses to populate pages past the file's end).
+    pub fn populate(&self, t: &TensorInfo) -> Result<()> {
         #[cfg(target_os = "linux")]
         {
-            let map = &self.shards[t.shard].map;
+            let map = self.shards[t.shard].map.mmap();
             let page = 4096;
             let start = t.start / page * page;
             let end = t.end.min(map.len());
@@ -264,14 +266,58 @@ impl Checkpoint {
                 let _ = map.advise_range(memmap2::Advice::PopulateRead, start, end - start);
             }
         }
-        #[cfg(not(target_os = "linux"))]
-        let _ = t;
+        self.check(t)
+    }
+
+    /// Checks that the bytes of `t` are still the file's: the shard is at least as long as when it was
+    /// opened up to the tensor's end, and the SIGBUS guard never replaced any of them by zeros (see
+    /// `guard`). One `fstat`. The check points of every path that reads the mapping call it.
+    pub fn check(&self, t: &TensorInfo) -> Result<()> {
+        let shard = &self.shards[t.shard];
+        let zeroed = shard.map.faulted().is_some_and(|off| off < t.end as u64);
+        let len = shard
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&shard.path, e))?
+            .len();
+        if zeroed || len < t.end as u64 {
+            return Err(self.truncated(t));
+        }
+        Ok(())
+    }
+
+    /// `check` for many tensors, with one `fstat` per shard.
+    pub fn check_all<'a>(&self, ts: impl IntoIterator<Item = &'a TensorInfo>) -> Result<()> {
+        let mut lens: HashMap<usize, u64> = HashMap::new();
+        for t in ts {
+            let shard = &self.shards[t.shard];
+            let len = match lens.get(&t.shard) {
+                Some(&l) => l,
+                None => {
+                    let l = shard
+                        .file
+                        .metadata()
+                        .map_err(|e| Error::io(&shard.path, e))?
+                        .len();
+                    *lens.entry(t.shard).or_insert(l)
+                }
+            };
+            let zeroed = shard.map.faulted().is_some_and(|off| off < t.end as u64);
+            if zeroed || len < t.end as u64 {
+                return Err(self.truncated(t));
+            }
+        }
+        Ok(())
     }
 
     /// The error for tensor `t` of a shard that no longer holds its bytes.
     fn truncated(&self, t: &TensorInfo) -> Error {
         let shard = &self.shards[t.shard];
-        let file_len = shard.file.metadata().map_or(0, |m| m.len());
+        let mut file_len = shard.file.metadata().map_or(0, |m| m.len());
+        if let Some(off) = shard.map.faulted() {
+            // The file was at most this long when the guard caught the fault.
+            file_len = file_len.min(off);
+        }
         Error::ShardTruncated {
             path: shard.path.clone(),
             tensor: t.name.clone(),
@@ -298,10 +344,20 @@ fn map_shard(path: &Path) -> Result<(Shard, Vec<TensorInfo>)> {
         });
     }
     // SAFETY: a private (copy-on-write) mapping: writes through it never reach the file. Another
-    // process truncating the file while it is mapped would fault on access; that is the same contract
-    // as safetensors' own mmap, and the header checks catch files that are short to begin with.
+    // process cutting the file short while it is mapped would raise SIGBUS on access to the lost
+    // pages; `GuardedMap` catches that (zero pages, then `check` reports the tensor).
     let map = unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?;
+    let map = GuardedMap::new(map);
     let header = parse_header(path, &map)?;
+    if map.faulted().is_some() {
+        // Cut short while the header was being read.
+        let file_len = file.metadata().map_or(0, |m| m.len());
+        return Err(Error::InvalidHeader {
+            path: path.to_path_buf(),
+            tensor: String::new(),
+            reason: format!("the file shrank to {file_len} bytes while its header was read"),
+        });
+    }
     let shard = Shard {
         file,
         path: path.to_path_buf(),

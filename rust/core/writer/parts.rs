@@ -46,6 +46,8 @@ pub(super) fn write_plain(
                         info.dtype.size(),
                     );
                     ckpt.release(info);
+                    // The transpose read the mapping: were its bytes still the file's?
+                    ckpt.check(info)?;
                     b
                 } else {
                     read(ckpt, info, 0, info.nbytes())?

@@ -5,7 +5,7 @@
 use std::ffi::c_int;
 use std::sync::Arc;
 
-use memmap2::MmapMut;
+use fastq::guard::GuardedMap;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -15,7 +15,7 @@ enum Owner {
     Bytes(#[allow(dead_code)] Vec<u8>),
     Floats(#[allow(dead_code)] Vec<f32>),
     Ints(#[allow(dead_code)] Vec<i8>),
-    Map(#[allow(dead_code)] Arc<MmapMut>),
+    Map(#[allow(dead_code)] Arc<GuardedMap>),
 }
 
 /// A contiguous run of bytes owned by Rust (`memoryview(buf)` or `torch.frombuffer(buf, dtype=...)`).
@@ -58,7 +58,7 @@ impl Buffer {
         }
     }
     /// A window `start..end` of a shard mapping.
-    pub fn from_map(map: Arc<MmapMut>, start: usize, end: usize) -> fastq::Result<Self> {
+    pub fn from_map(map: Arc<GuardedMap>, start: usize, end: usize) -> fastq::Result<Self> {
         if start > end || end > map.len() {
             return Err(fastq::Error::Internal(format!(
                 "bytes {start}..{end} are outside a {}-byte mapping",
