@@ -269,6 +269,47 @@ impl Checkpoint {
         self.check(t)
     }
 
+    /// Runs `f` over bytes `a..b` of tensor `t` read in place through the mapping: made resident in one
+    /// pass first (`MADV_POPULATE_READ`), dropped from this process after (`MADV_DONTNEED`: resident
+    /// memory stays at one range per thread), then checked (`check`: zeros the guard put in for a file
+    /// cut short are an error, not bytes). Faster than `read_at` for bytes that are only looked at once
+    /// (no copy); `a..b` must lie inside the tensor.
+    pub fn with_mapped<R>(
+        &self,
+        t: &TensorInfo,
+        a: usize,
+        b: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
+        if a > b || b > t.nbytes() {
+            return Err(Error::Internal(format!(
+                "bytes {a}..{b} are outside tensor '{}' ({} bytes)",
+                t.name,
+                t.nbytes()
+            )));
+        }
+        let map = self.shards[t.shard].map.mmap();
+        let (start, end) = (t.start + a, t.start + b);
+        let page = 4096;
+        #[cfg(target_os = "linux")]
+        if end > start {
+            let from = start / page * page;
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, from, end - from);
+        }
+        let out = f(&map[start..end]);
+        let (lo, hi) = (start.div_ceil(page) * page, end / page * page);
+        if hi > lo {
+            // SAFETY: as in `release`: DONTNEED on a private file mapping drops this process's copies of
+            // whole pages inside the range; later reads fault them back from the file. The only
+            // reference into the range, `f`'s, has ended.
+            unsafe {
+                let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo);
+            }
+        }
+        self.check(t)?;
+        Ok(out)
+    }
+
     /// Checks that the bytes of `t` are still the file's: the shard is at least as long as when it was
     /// opened up to the tensor's end, and the SIGBUS guard never replaced any of them by zeros (see
     /// `guard`). One `fstat`. The check points of every path that reads the mapping call it.
