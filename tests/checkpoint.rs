@@ -349,6 +349,42 @@ fn quantizer_shapes_are_checked() {
     ));
 }
 
+/// The fuzz targets' checks (`fuzz/fuzz_targets/checks.rs`), shared so that every input a target ever
+/// crashed on stays a test.
+#[path = "../fuzz/fuzz_targets/checks.rs"]
+mod fuzz_checks;
+
+/// Replays the fuzz seeds and every crash input kept under `fuzz/regressions/<target>/` (copied there
+/// from `fuzz/artifacts/` when `make fuzz` finds one) through the target's own check: each must be an
+/// error or a valid result, never a panic.
+#[test]
+fn fuzz_regressions_are_errors_not_panics() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    type Check = fn(&[u8]);
+    let targets: [(&str, Check); 4] = [
+        ("header", fuzz_checks::header),
+        ("header_structured", fuzz_checks::header_structured),
+        ("index", fuzz_checks::index),
+        ("quantize", fuzz_checks::quantize),
+    ];
+    let mut replayed = 0;
+    for (target, check) in targets {
+        for kind in ["seeds", "regressions"] {
+            let Ok(entries) = std::fs::read_dir(root.join(kind).join(target)) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let data = std::fs::read(&path).unwrap();
+                let run = std::panic::catch_unwind(|| check(&data));
+                assert!(run.is_ok(), "{} panics", path.display());
+                replayed += 1;
+            }
+        }
+    }
+    assert!(replayed >= 4, "the seeds are missing: {replayed} inputs");
+}
+
 const ONE: &str = "model-00001-of-00002.safetensors";
 const TWO: &str = "model-00002-of-00002.safetensors";
 
