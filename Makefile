@@ -2,7 +2,7 @@
 PY ?= python3
 STAMP := .install.stamp
 
-.PHONY: help install demo test test-rust test-py lint bench bench-py device-site
+.PHONY: help install demo test test-rust test-py lint bench bench-py fuzz device-site
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,6 +37,16 @@ bench:  ## criterion benches (quantization throughput, whole-checkpoint quantiza
 bench-py: install  ## Python side-by-side benchmarks against bitsandbytes / transformers
 	$(PY) benches/bench_ops.py
 	$(PY) benches/bench_pipeline.py
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := header header_structured index quantize
+# cargo fuzz needs nightly flags (-Zsanitizer); RUSTC_BOOTSTRAP=1 lets the stable toolchain take them.
+fuzz:  ## run each cargo-fuzz target for FUZZ_SECONDS (60) seconds (cargo install cargo-fuzz first)
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p corpus/$$t && \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t corpus/$$t seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=10 -rss_limit_mb=2048 || exit 1; \
+	done
 
 device-site:  ## build .device-site/ (fastq abi3 wheel + bitsandbytes) for the GPU machine
 	../shared/device/prepare-site.sh

@@ -201,6 +201,190 @@ fn header_lies_map_to_precise_errors() {
     assert!(matches!(open_err(&p("absent")), Error::NotFound { .. }));
 }
 
+/// A header padded with spaces to exactly `len` bytes, so that the data section starts at `8 + len`
+/// whatever the numbers in it (the offsets below are chosen relative to that start).
+fn padded(h: Value, len: usize) -> Vec<u8> {
+    let mut h = h.to_string().into_bytes();
+    assert!(h.len() <= len, "header longer than {len}");
+    h.resize(len, b' ');
+    h
+}
+
+/// Header claims whose arithmetic overflows: each must be a typed error naming the file and the
+/// tensor (before checked arithmetic some passed, pointing the tensor at the header's own bytes, and
+/// some panicked in the binding's slice assertion).
+#[test]
+fn overflowing_claims_are_typed_errors_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    const H: usize = 256;
+    let ds = 8 + H as u64; // data_start of every file below
+    let data = vec![7u8; 64];
+    let write = |name: &str, h: Value| {
+        let path = dir.path().join(name);
+        write_raw(&path, &padded(h, H), H as u64, &data)
+    };
+    let one = |dtype: &str, shape: Value, off: [u64; 2]| json!({"a": {"dtype": dtype, "shape": shape, "data_offsets": off}});
+    let invalid = |f: &Path, want: &str| {
+        let e = open_err(f);
+        match &e {
+            Error::InvalidHeader {
+                path,
+                tensor,
+                reason,
+            } if path == f && tensor == "a" && reason.contains(want) => {}
+            _ => panic!("{}: {e:?}", f.display()),
+        }
+        assert!(e.to_string().contains(&f.display().to_string()), "{e}");
+    };
+    let max = u64::MAX;
+    // An end that overflows on its own once the data section's start is added ...
+    invalid(
+        &write("end.st", one("F32", json!([2, 2]), [max - 16, max])),
+        "overflow",
+    );
+    // ... and a begin that does not, with an end that wraps past 2^64 to a small offset.
+    let begin = max - ds - 7;
+    invalid(
+        &write("wrap.st", one("F32", json!([2, 2]), [begin, begin + 16])),
+        "overflow",
+    );
+    // Far past the end without overflowing: the file is too short for it.
+    let far = write(
+        "far.st",
+        one("F32", json!([2, 2]), [1 << 63, (1 << 63) + 16]),
+    );
+    assert!(matches!(open_err(&far),
+        Error::ShardTruncated { path, tensor, end, .. } if path == far && tensor == "a" && end == ds + (1 << 63) + 16));
+    // Element counts that overflow, or whose size in bytes does; a product that wraps to the span.
+    invalid(
+        &write(
+            "numel.st",
+            one("F32", json!([1u64 << 32, 1u64 << 32, 2]), [0, 16]),
+        ),
+        "overflows",
+    );
+    invalid(
+        &write("bytes.st", one("F32", json!([1u64 << 62]), [0, 16])),
+        "overflows",
+    );
+    invalid(
+        &write("wraps.st", one("U8", json!([(1u64 << 62) + 1, 4]), [0, 4])),
+        "overflows",
+    );
+    invalid(
+        &write(
+            "zero.st",
+            one("F32", json!([1u64 << 32, 1u64 << 32, 0]), [0, 0]),
+        ),
+        "overflows",
+    );
+    // Negative, fractional and too-large dimensions or offsets are malformed entries.
+    invalid(
+        &write("neg.st", one("F32", json!([-1, 4]), [0, 16])),
+        "malformed",
+    );
+    invalid(
+        &write("frac.st", one("F32", json!([2.5, 4]), [0, 16])),
+        "malformed",
+    );
+    let huge = json!({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1e30]}});
+    invalid(&write("huge.st", huge), "malformed");
+    let neg = json!({"a": {"dtype": "U8", "shape": [1], "data_offsets": [-1, 0]}});
+    invalid(&write("negoff.st", neg), "malformed");
+    // The same name twice (serde would keep the last silently).
+    let twice = br#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+    let f = write_raw(
+        &dir.path().join("twice.st"),
+        twice,
+        twice.len() as u64,
+        &data,
+    );
+    invalid(&f, "twice");
+    // A zero-sized tensor with huge other dimensions is valid (its count is 0 before any overflow).
+    let ok = write("empty.st", one("F32", json!([0, 1u64 << 62]), [0, 0]));
+    let ck = Checkpoint::open(&ok).unwrap();
+    let t = ck.info("a").unwrap();
+    assert_eq!((t.numel(), t.nbytes(), ck.bytes(t).len()), (0, 0, 0));
+
+    // Header lengths near 2^64, past the end, or zero.
+    for (i, len) in [max, max - 7, 1 << 63, 100_000_001, (H + 64) as u64 + 1, 0]
+        .into_iter()
+        .enumerate()
+    {
+        let f = write_raw(
+            &dir.path().join(format!("len{i}.st")),
+            &padded(json!({}), H),
+            len,
+            &data,
+        );
+        assert!(
+            matches!(open_err(&f), Error::InvalidHeader { path, tensor, .. } if path == f && tensor.is_empty()),
+            "{len}"
+        );
+    }
+    // Exactly 8 bytes: a header length and nothing else.
+    let f = write_raw(&dir.path().join("eight.st"), b"", 0, b"");
+    assert!(matches!(open_err(&f), Error::InvalidHeader { .. }));
+}
+
+/// Shapes handed to the quantizers directly must agree with the data, with checked products.
+#[test]
+fn quantizer_shapes_are_checked() {
+    let x = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
+    let x = slice(&x, Dtype::F32);
+    for shape in [
+        vec![(1usize << 62) + 1, 4],
+        vec![1 << 63, 2],
+        vec![3],
+        vec![],
+    ] {
+        for spec in [spec4(QuantType::Nf4, 64, false), QuantSpec::Int8] {
+            let e = quantize_tensor(x, &shape, Dtype::F32, spec, AUTO).unwrap_err();
+            assert!(matches!(e, Error::BadShape { .. }), "{shape:?} {e}");
+        }
+    }
+    assert!(matches!(
+        quantize_int8(x, 1 << 32, 1 << 32, AUTO),
+        Err(Error::BadShape { .. })
+    ));
+}
+
+/// The fuzz targets' checks (`fuzz/fuzz_targets/checks.rs`), shared so that every input a target ever
+/// crashed on stays a test.
+#[path = "../fuzz/fuzz_targets/checks.rs"]
+mod fuzz_checks;
+
+/// Replays the fuzz seeds and every crash input kept under `fuzz/regressions/<target>/` (copied there
+/// from `fuzz/artifacts/` when `make fuzz` finds one) through the target's own check: each must be an
+/// error or a valid result, never a panic.
+#[test]
+fn fuzz_regressions_are_errors_not_panics() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    type Check = fn(&[u8]);
+    let targets: [(&str, Check); 4] = [
+        ("header", fuzz_checks::header),
+        ("header_structured", fuzz_checks::header_structured),
+        ("index", fuzz_checks::index),
+        ("quantize", fuzz_checks::quantize),
+    ];
+    let mut replayed = 0;
+    for (target, check) in targets {
+        for kind in ["seeds", "regressions"] {
+            let Ok(entries) = std::fs::read_dir(root.join(kind).join(target)) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let data = std::fs::read(&path).unwrap();
+                let run = std::panic::catch_unwind(|| check(&data));
+                assert!(run.is_ok(), "{} panics", path.display());
+                replayed += 1;
+            }
+        }
+    }
+    assert!(replayed >= 4, "the seeds are missing: {replayed} inputs");
+}
+
 const ONE: &str = "model-00001-of-00002.safetensors";
 const TWO: &str = "model-00002-of-00002.safetensors";
 

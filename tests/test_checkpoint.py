@@ -360,6 +360,84 @@ def test_lying_header(tmp_path, case):
         assert e.value.tensor == "a"
 
 
+#: Header bytes of the files below, padded with spaces: their data section starts at byte 8 + PAD.
+PAD = 256
+U64_MAX = 2**64 - 1
+
+
+def write_padded(path, header: dict, data: bytes = bytes(64)) -> str:
+    h = json.dumps(header).encode()
+    assert len(h) <= PAD
+    return write_raw(path, h + b" " * (PAD - len(h)), data)
+
+
+def entry_a(dtype: str, shape, offsets) -> dict:
+    return {"a": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}
+
+
+# (header of tensor "a", the exception class, a word of its message). Before checked arithmetic the
+# first two opened, pointing "a" at the header's own bytes (a release build wraps), and some others
+# panicked in Rust (a PanicException, not even an Exception).
+OVERFLOWS = {
+    "end overflows": (entry_a("F32", [2, 2], [U64_MAX - 16, U64_MAX]), fastq.HeaderError, "overflow"),
+    "end wraps": (entry_a("F32", [2, 2], [U64_MAX - 8 - PAD - 7, U64_MAX - 8 - PAD + 9]), fastq.HeaderError,
+                  "overflow"),
+    "end far past the file": (entry_a("F32", [2, 2], [2**63, 2**63 + 16]), fastq.TruncatedShardError, "truncated"),
+    "numel overflows": (entry_a("F32", [2**32, 2**32, 2], [0, 16]), fastq.HeaderError, "overflows"),
+    "bytes overflow": (entry_a("F32", [2**62], [0, 16]), fastq.HeaderError, "overflows"),
+    "product wraps to the span": (entry_a("U8", [2**62 + 1, 4], [0, 4]), fastq.HeaderError, "overflows"),
+    "negative dim": (entry_a("F32", [-1, 4], [0, 16]), fastq.HeaderError, "malformed"),
+    "dim past u64": (entry_a("F32", [2**64, 1], [0, 16]), fastq.HeaderError, "malformed"),
+    "negative offset": (entry_a("U8", [1], [-1, 0]), fastq.HeaderError, "malformed"),
+    "float offset": (entry_a("U8", [1], [0, 1e30]), fastq.HeaderError, "malformed"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERFLOWS))
+def test_overflowing_claims(tmp_path, case):
+    header, cls, word = OVERFLOWS[case]
+    path = write_padded(tmp_path / "bad.safetensors", header)
+    with pytest.raises(cls) as e:
+        fastq.open(path)
+    assert type(e.value) is cls
+    assert e.value.path == path and path in str(e.value)
+    assert e.value.tensor == "a" and "'a'" in str(e.value)
+    assert word in str(e.value)
+
+
+@pytest.mark.parametrize("header_len", [U64_MAX, U64_MAX - 7, 2**63, 100_000_001, PAD + 64 + 1])
+def test_header_length_near_2_64_or_past_the_end(tmp_path, header_len):
+    path = write_raw(tmp_path / "bad.safetensors", b"{}" + b" " * (PAD - 2), bytes(64), header_len=header_len)
+    with pytest.raises(fastq.HeaderError) as e:
+        fastq.open(path)
+    assert type(e.value) is fastq.HeaderError
+    assert e.value.path == path and path in str(e.value) and e.value.tensor is None
+
+
+def test_same_tensor_twice_in_a_header(tmp_path):
+    entry = '{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]}'
+    text = ('{"a":' + entry % (0, 1) + ',"a":' + entry % (1, 2) + "}").encode()
+    path = write_raw(tmp_path / "twice.safetensors", text, b"xy")
+    with pytest.raises(fastq.HeaderError, match="twice") as e:
+        fastq.open(path)
+    assert e.value.path == path and e.value.tensor == "a"
+
+
+def test_zero_sized_tensor_with_huge_dims(tmp_path):
+    path = write_padded(tmp_path / "m.safetensors", entry_a("F32", [0, 2**62], [0, 0]))
+    t = fastq.open(path).get("a")
+    assert t.shape == (0, 2**62) and t.numel() == 0
+
+
+@pytest.mark.parametrize("shape", [[2**62 + 1, 4], [2**63, 2], [3]])
+def test_quantizer_shape_that_wraps(shape):
+    """A shape whose product wraps to the buffer's length once passed, then sized SCB from it."""
+    data = torch.ones(4).view(torch.uint8).numpy()
+    for quantize in (_fastq.quantize_int8, _fastq.quantize_4bit):
+        with pytest.raises(fastq.ShapeError):
+            quantize(data, "F32", shape)
+
+
 def test_header_lies_inside_a_folder(tmp_path):
     """A bad shard among good ones is named, not the folder."""
     write_sharded(tmp_path, tensors(), nshards=2, index=False)

@@ -569,3 +569,45 @@ def test_cli_convert_and_inspect(tiny_model, transformers_saved, tmp_path):
     assert est["4-bit nf4"] == sum(v.nbytes for v in tensors(nodq).values())
     r = subprocess.run([sys.executable, "-m", "fastq", "convert", src, dst, "--load-in-8bit"], check=False, capture_output=True, text=True)
     assert r.returncode == 1 and "exists" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- resume after a source changed in place -------------------------------------------------------------
+
+
+def test_resume_after_a_source_changed_in_place_with_its_mtime_restored(big_source, tmp_path):
+    """``cp -p`` and ``rsync -a`` put the old mtime back on new bytes, so the size and mtime in the
+    conversion's parameters still match: only the manifest's record of each shard's source bytes
+    (rust/core/writer/sources.rs) can tell that finished shards were made from the old bytes."""
+    src = tmp_path / "src"
+    shutil.copytree(big_source, src)
+    dst = tmp_path / "out"
+    tmp = temp_folder(dst)
+    proc = start_cli("convert", src, dst, *CONVERT)
+    wait_for_shards(proc, tmp, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    made_from = set()
+    for name in json.loads((tmp / "fastq-manifest.json").read_text())["shards"]:
+        with safe_open(tmp / name, "pt") as f:
+            made_from |= set(f.keys())
+    victims = [n for n in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight")
+               if {n, n.removeprefix("model.")} & made_from]  # source name, or as the output names it
+    assert victims, f"no finished shard holds the tensors this test changes: {sorted(made_from)}"
+    weights = src / "model.safetensors"
+    before = os.stat(weights)
+    with open(weights, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for v in victims:
+            f.seek(8 + n + header[v]["data_offsets"][0])
+            chunk = bytearray(f.read(4096))
+            chunk[1::2] = bytes(b ^ 0x80 for b in chunk[1::2])  # flip the sign of 2048 bf16 values
+            f.seek(-len(chunk), os.SEEK_CUR)
+            f.write(chunk)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(weights)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    cfg = fastq.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    fastq.convert(src, dst, cfg, max_shard_size="1MB", threads=1, resume=True, progress=False)
+    fresh = fastq.convert(src, tmp_path / "fresh", cfg, max_shard_size="1MB", threads=1, progress=False)
+    assert_identical_folders(fresh, dst)

@@ -32,7 +32,7 @@ EXPECTED = {
 }
 # Variants whose message has no file or no tensor.
 NO_PATH = {"UnknownDtype", "InvalidArgument", "Cancelled", "Internal"}
-NO_TENSOR = NO_PATH | {"NotFound", "Io", "InvalidHeader"}
+NO_TENSOR = NO_PATH | {"NotFound", "Io"}
 TENSOR = "model.layers.0.mlp.up_proj.weight"
 
 

@@ -92,14 +92,34 @@ class Checkpoint:
         return self._ck.metadata(shard)
 
     def get(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as a CPU tensor over the mapped file (no copy; writes stay private)."""
+        """Tensor ``name`` as a CPU tensor over the mapped file (no copy; writes stay private).
+
+        Raises:
+            TruncatedShardError: the shard was cut short since it was opened and lost this tensor's bytes.
+        """
         m = self.meta(name)
         return wrap(self._ck.get(name), m.torch_dtype, m.shape)
 
     def populate(self, names: Iterable[str], *, threads: int | None = None) -> None:
         """Makes the named tensors resident in this process ahead of use, in parallel with the GIL
-        released (``MADV_POPULATE_READ``: one pass of the kernel instead of a page fault per 4 KiB)."""
+        released (``MADV_POPULATE_READ``: one pass of the kernel instead of a page fault per 4 KiB).
+
+        Raises:
+            TruncatedShardError: a shard was cut short since it was opened and lost one of these tensors.
+        """
         self._ck.populate(list(names), threads=threads)
+
+    def check(self, names: Iterable[str] | None = None) -> None:
+        """Checks that the named tensors (every tensor when None) still have their bytes: a shard that
+        another process cut short while it was mapped does not end this process (the lost pages read as
+        zeros, see rust/core/guard.rs), and this is where it is reported. ``get``, ``populate`` and
+        ``quantize`` check the tensors they touch; tensors already handed out read zeros silently
+        until a check.
+
+        Raises:
+            TruncatedShardError: naming the shard and the first tensor that lost bytes.
+        """
+        self._ck.check(None if names is None else list(names))
 
     def quantize(
         self,

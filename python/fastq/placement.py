@@ -101,6 +101,9 @@ def fill(
             e = pending.pop(name)
             _install(model, e, res, dmap, qcfg)
             bar.update(e.nbytes)
+        # A shard cut short during the fill reads as zeros instead of ending the process (guard.rs):
+        # report it rather than return a model holding them.
+        ckpt.check(src for e in plan.by_kind("plain", "4bit-pre", "int8-pre") for src in (e.source, *e.extra.values()))
     finally:
         bar.close()
         if hasattr(results, "close"):

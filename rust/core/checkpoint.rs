@@ -3,54 +3,29 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::MmapOptions;
 
-use crate::dtype::{Dtype, FloatSlice};
+use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
+use crate::guard::GuardedMap;
+use crate::header::{parse_header, parse_index};
+
+pub use crate::header::TensorInfo;
 
 /// The index file transformers writes beside sharded checkpoints.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
-/// Largest header we accept (safetensors' own limit).
-const MAX_HEADER: u64 = 100_000_000;
-
-/// Where one tensor lives.
-#[derive(Clone, Debug)]
-pub struct TensorInfo {
-    /// The tensor's name, the key of its safetensors header entry.
-    pub name: String,
-    /// The header entry's `dtype`.
-    pub dtype: Dtype,
-    /// The header entry's `shape`.
-    pub shape: Vec<usize>,
-    /// Index into `Checkpoint::shards`.
-    pub shard: usize,
-    /// Absolute byte range in the shard file.
-    pub start: usize,
-    /// End of that range (exclusive).
-    pub end: usize,
-}
-
-impl TensorInfo {
-    /// Number of elements.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-    /// Bytes of data.
-    pub fn nbytes(&self) -> usize {
-        self.end - self.start
-    }
-}
 
 /// One mapped shard.
 pub struct Shard {
     /// The shard's `.safetensors` file.
     pub path: PathBuf,
     /// Private copy-on-write mapping: readable by every thread, writable by Python without ever
-    /// touching the file.
-    pub map: Arc<MmapMut>,
+    /// touching the file; guarded against the file being cut short underneath it (`guard`).
+    pub map: Arc<GuardedMap>,
     /// The header's `__metadata__` entries.
     pub metadata: BTreeMap<String, String>,
     /// Start of the data section.
@@ -68,18 +43,6 @@ pub struct Checkpoint {
     /// Tensors in shard order, then file order within a shard.
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
-}
-
-#[derive(serde::Deserialize)]
-struct RawEntry {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: (u64, u64),
-}
-
-#[derive(serde::Deserialize)]
-struct RawIndex {
-    weight_map: BTreeMap<String, String>,
 }
 
 impl Checkpoint {
@@ -115,19 +78,15 @@ impl Checkpoint {
 
     fn open_index(root: &Path, index: &Path) -> Result<Self> {
         let text = std::fs::read(index).map_err(|e| Error::io(index, e))?;
-        let raw: RawIndex = serde_json::from_slice(&text).map_err(|e| Error::InvalidHeader {
-            path: index.to_path_buf(),
-            reason: format!("bad index JSON: {e}"),
-        })?;
-        let mut shard_names: Vec<&String> = raw.weight_map.values().collect();
+        let weight_map = parse_index(index, &text)?;
+        let mut shard_names: Vec<&String> = weight_map.values().collect();
         shard_names.sort();
         shard_names.dedup();
         let mut shards = Vec::with_capacity(shard_names.len());
         for name in &shard_names {
             let p = root.join(name);
             if !p.is_file() {
-                let tensor = raw
-                    .weight_map
+                let tensor = weight_map
                     .iter()
                     .find(|(_, s)| s == name)
                     .map(|(t, _)| t.clone())
@@ -140,7 +99,7 @@ impl Checkpoint {
             }
             shards.push(map_shard(&p)?);
         }
-        Self::from_shards(root.to_path_buf(), shards, Some((index, &raw.weight_map)))
+        Self::from_shards(root.to_path_buf(), shards, Some((index, &weight_map)))
     }
 
     fn from_shards(
@@ -234,10 +193,10 @@ impl Checkpoint {
     /// stays bounded by what is in flight (the page cache keeps them for other readers). Pages Python
     /// wrote to in this range are discarded too; the pipeline calls it only for tensors it consumed.
     pub fn release(&self, t: &TensorInfo) {
-        let map = &self.shards[t.shard].map;
+        let map = self.shards[t.shard].map.mmap();
         let page = 4096;
         let start = t.start.div_ceil(page) * page;
-        let end = t.end / page * page;
+        let end = (t.end / page * page).min(map.len());
         if end > start {
             // SAFETY: DONTNEED on a private file mapping drops our copies of the pages; later reads
             // fault them back from the file. No Rust reference into the range outlives the caller's
@@ -262,18 +221,44 @@ impl Checkpoint {
             });
         }
         Ok(TensorReader {
-            shard: &self.shards[t.shard],
+            ckpt: self,
             info: t,
         })
     }
 
+    /// Reads bytes `offset..offset + buf.len()` of tensor `t` with `pread` (no page of the mapping is
+    /// touched). A file that has become too short is `ShardTruncated` naming the tensor.
+    pub fn read_at(&self, t: &TensorInfo, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let shard = &self.shards[t.shard];
+        let at = offset
+            .checked_add(buf.len())
+            .filter(|&end| end <= t.nbytes())
+            .map(|_| t.start + offset)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "read of {} bytes at {offset} is outside tensor '{}' ({} bytes)",
+                    buf.len(),
+                    t.name,
+                    t.nbytes()
+                ))
+            })?;
+        shard
+            .file
+            .read_exact_at(buf, at as u64)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => self.truncated(t),
+                _ => Error::io(&shard.path, e),
+            })
+    }
+
     /// Maps the pages of `t` into this process ahead of use (`MADV_POPULATE_READ`, Linux 5.14+): the
-    /// kernel reads them in one pass instead of one page fault per 4 KiB on first touch. Errors (older
-    /// kernels) are ignored: the pages then fault in as they are used.
-    pub fn populate(&self, t: &TensorInfo) {
+    /// kernel reads them in one pass instead of one page fault per 4 KiB on first touch. Kernels
+    /// without it are ignored (the pages then fault in as they are used); a shard cut short since it
+    /// was opened is `ShardTruncated` (the kernel refuses to populate pages past the file's end).
+    pub fn populate(&self, t: &TensorInfo) -> Result<()> {
         #[cfg(target_os = "linux")]
         {
-            let map = &self.shards[t.shard].map;
+            let map = self.shards[t.shard].map.mmap();
             let page = 4096;
             let start = t.start / page * page;
             let end = t.end.min(map.len());
@@ -281,8 +266,105 @@ impl Checkpoint {
                 let _ = map.advise_range(memmap2::Advice::PopulateRead, start, end - start);
             }
         }
-        #[cfg(not(target_os = "linux"))]
-        let _ = t;
+        self.check(t)
+    }
+
+    /// Runs `f` over bytes `a..b` of tensor `t` read in place through the mapping: made resident in one
+    /// pass first (`MADV_POPULATE_READ`), dropped from this process after (`MADV_DONTNEED`: resident
+    /// memory stays at one range per thread), then checked (`check`: zeros the guard put in for a file
+    /// cut short are an error, not bytes). Faster than `read_at` for bytes that are only looked at once
+    /// (no copy); `a..b` must lie inside the tensor.
+    pub fn with_mapped<R>(
+        &self,
+        t: &TensorInfo,
+        a: usize,
+        b: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
+        if a > b || b > t.nbytes() {
+            return Err(Error::Internal(format!(
+                "bytes {a}..{b} are outside tensor '{}' ({} bytes)",
+                t.name,
+                t.nbytes()
+            )));
+        }
+        let map = self.shards[t.shard].map.mmap();
+        let (start, end) = (t.start + a, t.start + b);
+        let page = 4096;
+        #[cfg(target_os = "linux")]
+        if end > start {
+            let from = start / page * page;
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, from, end - from);
+        }
+        let out = f(&map[start..end]);
+        let (lo, hi) = (start.div_ceil(page) * page, end / page * page);
+        if hi > lo {
+            // SAFETY: as in `release`: DONTNEED on a private file mapping drops this process's copies of
+            // whole pages inside the range; later reads fault them back from the file. The only
+            // reference into the range, `f`'s, has ended.
+            unsafe {
+                let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo);
+            }
+        }
+        self.check(t)?;
+        Ok(out)
+    }
+
+    /// Checks that the bytes of `t` are still the file's: the shard is at least as long as when it was
+    /// opened up to the tensor's end, and the SIGBUS guard never replaced any of them by zeros (see
+    /// `guard`). One `fstat`. The check points of every path that reads the mapping call it.
+    pub fn check(&self, t: &TensorInfo) -> Result<()> {
+        let shard = &self.shards[t.shard];
+        let zeroed = shard.map.faulted().is_some_and(|off| off < t.end as u64);
+        let len = shard
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&shard.path, e))?
+            .len();
+        if zeroed || len < t.end as u64 {
+            return Err(self.truncated(t));
+        }
+        Ok(())
+    }
+
+    /// `check` for many tensors, with one `fstat` per shard.
+    pub fn check_all<'a>(&self, ts: impl IntoIterator<Item = &'a TensorInfo>) -> Result<()> {
+        let mut lens: HashMap<usize, u64> = HashMap::new();
+        for t in ts {
+            let shard = &self.shards[t.shard];
+            let len = match lens.get(&t.shard) {
+                Some(&l) => l,
+                None => {
+                    let l = shard
+                        .file
+                        .metadata()
+                        .map_err(|e| Error::io(&shard.path, e))?
+                        .len();
+                    *lens.entry(t.shard).or_insert(l)
+                }
+            };
+            let zeroed = shard.map.faulted().is_some_and(|off| off < t.end as u64);
+            if zeroed || len < t.end as u64 {
+                return Err(self.truncated(t));
+            }
+        }
+        Ok(())
+    }
+
+    /// The error for tensor `t` of a shard that no longer holds its bytes.
+    fn truncated(&self, t: &TensorInfo) -> Error {
+        let shard = &self.shards[t.shard];
+        let mut file_len = shard.file.metadata().map_or(0, |m| m.len());
+        if let Some(off) = shard.map.faulted() {
+            // The file was at most this long when the guard caught the fault.
+            file_len = file_len.min(off);
+        }
+        Error::ShardTruncated {
+            path: shard.path.clone(),
+            tensor: t.name.clone(),
+            end: t.end as u64,
+            file_len,
+        }
     }
 
     /// Total bytes of tensor data.
@@ -291,123 +373,45 @@ impl Checkpoint {
     }
 }
 
-/// Maps one shard and validates its header.
+/// Maps one shard and validates its header (`header::parse_header`).
 fn map_shard(path: &Path) -> Result<(Shard, Vec<TensorInfo>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let invalid = |reason: String| Error::InvalidHeader {
-        path: path.to_path_buf(),
-        reason,
-    };
     if file_len < 8 {
-        return Err(invalid(format!(
-            "file is {file_len} bytes, shorter than the 8-byte header length"
-        )));
-    }
-    // SAFETY: a private (copy-on-write) mapping: writes through it never reach the file. Another
-    // process truncating the file while it is mapped would fault on access; that is the same contract
-    // as safetensors' own mmap, and the header checks below catch files that are short to begin with.
-    let map = unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?;
-    let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
-    if header_len > MAX_HEADER {
-        return Err(invalid(format!(
-            "header length {header_len} exceeds the {MAX_HEADER}-byte limit"
-        )));
-    }
-    if 8 + header_len > file_len {
-        return Err(invalid(format!(
-            "header length {header_len} runs past the end of the {file_len}-byte file"
-        )));
-    }
-    let data_start = 8 + header_len as usize;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&map[8..data_start])
-            .map_err(|e| invalid(format!("header is not a JSON object: {e}")))?;
-    let mut metadata = BTreeMap::new();
-    let mut infos = Vec::with_capacity(header.len());
-    for (name, value) in header {
-        if name == "__metadata__" {
-            if let serde_json::Value::Object(m) = value {
-                for (k, v) in m {
-                    metadata.insert(
-                        k,
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string()),
-                    );
-                }
-            }
-            continue;
-        }
-        let raw: RawEntry = serde_json::from_value(value)
-            .map_err(|e| invalid(format!("entry for tensor '{name}' is malformed: {e}")))?;
-        let dtype = Dtype::parse(&raw.dtype).ok_or_else(|| Error::UnsupportedDtype {
+        return Err(Error::InvalidHeader {
             path: path.to_path_buf(),
-            tensor: name.clone(),
-            dtype: raw.dtype.clone(),
-        })?;
-        let (begin, end) = raw.data_offsets;
-        if end < begin {
-            return Err(invalid(format!(
-                "tensor '{name}' has data_offsets [{begin}, {end}] that run backwards"
-            )));
-        }
-        let numel = raw
-            .shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-        let expected = numel.and_then(|n| n.checked_mul(dtype.size() as u64));
-        if expected != Some(end - begin) {
-            return Err(Error::SizeMismatch {
-                path: path.to_path_buf(),
-                tensor: name,
-                shape: raw.shape,
-                dtype: dtype.to_string(),
-                expected: expected.unwrap_or(u64::MAX),
-                actual: end - begin,
-            });
-        }
-        let abs_end = data_start as u64 + end;
-        if abs_end > file_len {
-            return Err(Error::ShardTruncated {
-                path: path.to_path_buf(),
-                tensor: name,
-                end: abs_end,
-                file_len,
-            });
-        }
-        infos.push(TensorInfo {
-            name,
-            dtype,
-            shape: raw.shape,
-            shard: 0,
-            start: data_start + begin as usize,
-            end: data_start + end as usize,
+            tensor: String::new(),
+            reason: format!("file is {file_len} bytes, shorter than the 8-byte header length"),
         });
     }
-    infos.sort_by_key(|t| (t.start, t.end));
-    for w in infos.windows(2) {
-        if w[1].start < w[0].end {
-            return Err(Error::Overlap {
-                path: path.to_path_buf(),
-                first: w[0].name.clone(),
-                second: w[1].name.clone(),
-            });
-        }
+    // SAFETY: a private (copy-on-write) mapping: writes through it never reach the file. Another
+    // process cutting the file short while it is mapped would raise SIGBUS on access to the lost
+    // pages; `GuardedMap` catches that (zero pages, then `check` reports the tensor).
+    let map = unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?;
+    let map = GuardedMap::new(map);
+    let header = parse_header(path, &map)?;
+    if map.faulted().is_some() {
+        // Cut short while the header was being read.
+        let file_len = file.metadata().map_or(0, |m| m.len());
+        return Err(Error::InvalidHeader {
+            path: path.to_path_buf(),
+            tensor: String::new(),
+            reason: format!("the file shrank to {file_len} bytes while its header was read"),
+        });
     }
     let shard = Shard {
         file,
         path: path.to_path_buf(),
         map: Arc::new(map),
-        metadata,
-        data_start,
+        metadata: header.metadata,
+        data_start: header.data_start,
     };
-    Ok((shard, infos))
+    Ok((shard, header.tensors))
 }
 
 /// Reads a float tensor chunk by chunk with `pread` into a per-thread buffer (see `ChunkSource`).
 pub struct TensorReader<'a> {
-    shard: &'a Shard,
+    ckpt: &'a Checkpoint,
     info: &'a TensorInfo,
 }
 
@@ -426,16 +430,12 @@ impl crate::pack::ChunkSource for TensorReader<'_> {
         end: usize,
         f: impl FnOnce(FloatSlice) -> Result<R>,
     ) -> Result<R> {
-        use std::os::unix::fs::FileExt;
         let size = self.info.dtype.size();
         let (a, b) = (start * size, end * size);
         CHUNK_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
             buf.resize(b - a, 0);
-            self.shard
-                .file
-                .read_exact_at(&mut buf[..], (self.info.start + a) as u64)
-                .map_err(|e| Error::io(&self.shard.path, e))?;
+            self.ckpt.read_at(self.info, a, &mut buf[..])?;
             let x = FloatSlice::new(self.info.dtype, &buf[..])
                 .expect("float dtype checked in reader()");
             f(x)

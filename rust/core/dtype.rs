@@ -91,10 +91,22 @@ impl Dtype {
         }
     }
 
+    /// Bytes of a tensor of this dtype and `shape`; None when the count overflows `usize`.
+    pub fn nbytes(self, shape: &[usize]) -> Option<usize> {
+        numel(shape)?.checked_mul(self.size())
+    }
+
     /// Whether the quantizers can read this dtype.
     pub fn is_float_input(self) -> bool {
         matches!(self, Dtype::F32 | Dtype::F16 | Dtype::BF16)
     }
+}
+
+/// Elements of a tensor of `shape`; None when the product overflows `usize`. Every size the core
+/// derives from a shape it was handed (a header, a caller) goes through this or `Dtype::nbytes`, so that
+/// a lying shape is an error instead of a wrapped count (a slice of the wrong bytes) or a panic.
+pub fn numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
 }
 
 impl fmt::Display for Dtype {

@@ -27,8 +27,11 @@ pub enum Error {
     /// The safetensors header is not what the format says it must be.
     #[error("{path}: invalid safetensors header: {reason}")]
     InvalidHeader {
-        /// The shard.
+        /// The shard (or the index, or the manifest).
         path: PathBuf,
+        /// The tensor whose entry is wrong; empty when the fault is not one entry's (a bad length,
+        /// JSON that does not parse). `reason` names it too.
+        tensor: String,
         /// What is wrong with it.
         reason: String,
     },
@@ -194,7 +197,8 @@ impl Error {
             },
             Error::InvalidHeader {
                 path: path(),
-                reason: "not JSON".into(),
+                tensor: tensor(),
+                reason: "entry for tensor 'model.layers.0.mlp.up_proj.weight' is malformed".into(),
             },
             Error::ShardTruncated {
                 path: path(),

@@ -82,6 +82,8 @@ pub fn quantize_job(ckpt: &Checkpoint, job: &Job, kernel: Kernel) -> Result<Pack
     }
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let bytes = transpose_bytes(ckpt.bytes(t), rows, cols, t.dtype.size());
+    // The transpose read the mapping: were its bytes still the file's (see `guard`)?
+    ckpt.check(t)?;
     let xt =
         crate::dtype::FloatSlice::new(t.dtype, &bytes).expect("float dtype checked by floats()");
     let shape = [cols, rows];

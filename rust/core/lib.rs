@@ -8,6 +8,8 @@ pub mod cast;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+pub mod guard;
+pub mod header;
 pub mod job;
 pub mod pack;
 pub mod pipeline;

@@ -149,6 +149,13 @@ pub fn quantize_source<S: ChunkSource>(
 ) -> Result<Packed> {
     spec.validate()?;
     let n = x.len();
+    // The output buffers are sized from `n` and `shape`: they must agree (checked, so that a shape
+    // whose product wraps cannot pass for the input's length).
+    if crate::dtype::numel(shape) != Some(n) {
+        return Err(bad_shape(format!(
+            "shape {shape:?} does not hold the {n} elements given"
+        )));
+    }
     if n == 0 {
         return Err(bad_shape("cannot quantize an empty tensor".into()));
     }

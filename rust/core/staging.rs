@@ -6,8 +6,6 @@
 //! read in parallel in chunks of `CHUNK` bytes with `pread`, so that no page of the mapping becomes
 //! resident in this process and every worker thread has a share of even one large tensor.
 
-use std::os::unix::fs::FileExt;
-
 use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
@@ -85,19 +83,7 @@ pub fn read_into(ckpt: &Checkpoint, pieces: &[Piece], dst: &mut [u8]) -> Result<
     }
     work.into_par_iter().try_for_each(|(p, from, chunk)| {
         let t = ckpt.info(&p.tensor)?;
-        let shard = &ckpt.shards[t.shard];
-        shard
-            .file
-            .read_exact_at(chunk, (t.start + from) as u64)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => Error::ShardTruncated {
-                    path: shard.path.clone(),
-                    tensor: p.tensor.clone(),
-                    end: (t.start + from + chunk.len()) as u64,
-                    file_len: shard.file.metadata().map_or(0, |m| m.len()),
-                },
-                _ => Error::io(&shard.path, e),
-            })
+        ckpt.read_at(t, from, chunk)
     })
 }
 

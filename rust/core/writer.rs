@@ -8,7 +8,8 @@
 //!   the run can be cancelled;
 //! - `manifest`: `fastq-manifest.json`, the checksum of each finished shard and the run's parameters,
 //!   so that a resumed run keeps the shards it can verify; `digest`: that checksum (SHA-256 over the
-//!   SHA-256s of 16 MiB chunks, taken while the shard is written);
+//!   SHA-256s of 16 MiB chunks, taken while the shard is written); `sources`: the digest of the source
+//!   bytes each shard is made from, so that a resumed run notices a source changed in place;
 //! - `pyjson`: the `quant_state` JSON, byte for byte as bitsandbytes' `json.dumps` writes it.
 //!
 //! The writer fills a folder the caller chose; making the result appear atomically (a temporary
@@ -21,6 +22,7 @@ pub mod manifest;
 mod parts;
 pub mod pyjson;
 pub mod run;
+pub mod sources;
 #[cfg(test)]
 mod tests;
 

@@ -20,13 +20,12 @@ pub fn quantize_int8(
     cols: usize,
     kernel: Kernel,
 ) -> Result<(Vec<i8>, Vec<f32>)> {
-    if rows * cols != x.len() {
+    if rows.checked_mul(cols) != Some(x.len()) {
         return Err(Error::BadShape {
             path: Default::default(),
             tensor: String::new(),
             reason: format!(
-                "int8 needs rows x cols = {} elements, got {}",
-                rows * cols,
+                "int8 needs rows x cols = {rows} x {cols} elements, got {}",
                 x.len()
             ),
         });

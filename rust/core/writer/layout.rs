@@ -298,7 +298,7 @@ impl Layout {
             .into_iter()
             .enumerate()
             .map(|(i, members)| shard_plan(&tensors, shard_name(i, n), members))
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(Layout {
             jobs,
             tensors,
@@ -309,7 +309,9 @@ impl Layout {
 
     /// Sum of the planned data sizes (bounds for inexact tensors).
     pub fn planned_size(&self) -> u64 {
-        self.tensors.iter().map(|t| t.size).sum()
+        self.tensors
+            .iter()
+            .fold(0u64, |acc, t| acc.saturating_add(t.size))
     }
 
     /// A digest of everything that decides the output's bytes, so that a resumed run can check it
@@ -393,8 +395,9 @@ fn plan_tensor(ckpt: &Checkpoint, jobs: &[Job], out: Output) -> Result<Planned> 
             shape,
             bytes,
         } => {
-            let want = shape.iter().product::<usize>() * dtype.size();
-            if want != bytes.len() {
+            let want = dtype.nbytes(shape);
+            if want != Some(bytes.len()) {
+                let want = want.map_or("more than 2^64".into(), |w| w.to_string());
                 return Err(invalid(format!(
                     "inline tensor '{}': shape {shape:?} x {dtype} needs {want} bytes, got {}",
                     out.name,
@@ -495,7 +498,14 @@ fn plan_tensor(ckpt: &Checkpoint, jobs: &[Job], out: Output) -> Result<Planned> 
             (dtype, shape, exact, input)
         }
     };
-    let size = (shape.iter().product::<usize>() * dtype.size()) as u64;
+    // Every shape here is a checkpoint tensor's (validated on opening), derived from one, or an inline
+    // one checked above; the check stays so that no future path wraps.
+    let size = dtype.nbytes(&shape).ok_or_else(|| {
+        invalid(format!(
+            "output tensor '{}': shape {shape:?} x {dtype} overflows 64 bits",
+            out.name
+        ))
+    })? as u64;
     Ok(Planned {
         name: out.name,
         dtype,
@@ -517,12 +527,12 @@ fn split(tensors: &[Planned], max: u64) -> Vec<Vec<usize>> {
             shards.push(vec![i]);
             continue;
         }
-        if current_size + t.size > max {
+        if current_size.saturating_add(t.size) > max {
             shards.push(std::mem::take(&mut current));
             current_size = 0;
         }
         current.push(i);
-        current_size += t.size;
+        current_size = current_size.saturating_add(t.size);
     }
     if !current.is_empty() || shards.is_empty() {
         shards.push(current);
@@ -530,7 +540,7 @@ fn split(tensors: &[Planned], max: u64) -> Vec<Vec<usize>> {
     shards
 }
 
-fn shard_plan(tensors: &[Planned], name: String, members: Vec<usize>) -> ShardPlan {
+fn shard_plan(tensors: &[Planned], name: String, members: Vec<usize>) -> Result<ShardPlan> {
     let mut order = members.clone();
     order.sort_by(|&a, &b| {
         let (x, y) = (&tensors[a], &tensors[b]);
@@ -543,8 +553,14 @@ fn shard_plan(tensors: &[Planned], name: String, members: Vec<usize>) -> ShardPl
     let mut offsets = Vec::with_capacity(order.len());
     let mut at = 0u64;
     for &i in &order {
-        offsets.push((at, at + tensors[i].size));
-        at += tensors[i].size;
+        let end = at.checked_add(tensors[i].size).ok_or_else(|| {
+            invalid(format!(
+                "shard '{name}' would hold more than 2^64 bytes (at tensor '{}')",
+                tensors[i].name
+            ))
+        })?;
+        offsets.push((at, end));
+        at = end;
     }
     let entries: Vec<_> = order
         .iter()
@@ -556,14 +572,14 @@ fn shard_plan(tensors: &[Planned], name: String, members: Vec<usize>) -> ShardPl
         .collect();
     let exact = order.iter().all(|&i| tensors[i].exact);
     let header_len = header_json(&entries, 0).len() as u64;
-    ShardPlan {
+    Ok(ShardPlan {
         name,
         members,
         order,
         offsets,
         header_len,
         exact,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -612,7 +628,7 @@ mod tests {
             planned("c", Dtype::F32, 8),
             planned("a.x", Dtype::U8, 1),
         ];
-        let s = shard_plan(&ts, "model.safetensors".into(), vec![0, 1, 2, 3]);
+        let s = shard_plan(&ts, "model.safetensors".into(), vec![0, 1, 2, 3]).unwrap();
         assert_eq!(s.order, vec![2, 1, 3, 0]);
         assert_eq!(s.offsets, vec![(0, 8), (8, 12), (12, 13), (13, 16)]);
         let entries: Vec<_> = s

@@ -1,7 +1,8 @@
-//! `fastq-manifest.json`: the conversion's parameters and, for every finished shard, its size and
-//! checksum (`digest`: SHA-256 of its chunks' SHA-256s). A shard is recorded only once it is complete,
-//! hashed and (optionally) synced, so a resumed run keeps exactly the shards the manifest vouches for
-//! after checking their bytes again.
+//! `fastq-manifest.json`: the conversion's parameters and, for every finished shard, its size, its
+//! checksum (`digest`: SHA-256 of its chunks' SHA-256s) and the digest of the source bytes it was made
+//! from (`sources`). A shard is recorded only once it is complete, hashed and (optionally) synced, so a
+//! resumed run keeps exactly the shards the manifest vouches for after checking their bytes again, and
+//! only while their sources still hold the bytes they were made from.
 //!
 //! Hashing runs on its own thread: the writer hands it each 16 MiB chunk as soon as the chunk's bytes
 //! are all written (`Hasher::chunk`), so a shard's checksum is ready almost as soon as its last tensor
@@ -32,6 +33,10 @@ pub struct ShardRecord {
     pub data_size: u64,
     /// Lowercase hex SHA-256 of the SHA-256 digests of the file's 16 MiB chunks (`digest` module).
     pub digest: String,
+    /// The digest of the source tensors the shard was made from (`sources` module); empty in a
+    /// manifest written before fastq recorded it, which makes a resumed run write the shard again.
+    #[serde(default)]
+    pub source: String,
 }
 
 /// The manifest's contents.
@@ -79,6 +84,7 @@ impl Manifest {
         };
         let m: Manifest = serde_json::from_slice(&text).map_err(|e| Error::InvalidHeader {
             path: path.clone(),
+            tensor: String::new(),
             reason: format!("not a fastq manifest: {e}"),
         })?;
         let differs = |what: &str| {
@@ -146,10 +152,11 @@ pub struct Hasher {
 
 impl Hasher {
     /// Starts the thread; it owns `manifest` and saves it to `dir` after each finished shard.
-    /// `paths[i]` is the file of shard `i`.
+    /// `paths[i]` is the file of shard `i`, `sources[i]` the digest of its sources.
     pub fn start(
         dir: PathBuf,
         paths: Vec<PathBuf>,
+        sources: Vec<String>,
         manifest: Manifest,
         fsync: bool,
     ) -> Result<Self> {
@@ -208,6 +215,7 @@ impl Hasher {
                                 size,
                                 data_size,
                                 digest: combine(&all),
+                                source: sources.get(shard).cloned().unwrap_or_default(),
                             };
                             manifest.shards.insert(name, record);
                             manifest.save(&dir)?;

@@ -1,12 +1,10 @@
 //! Where each output tensor's bytes come from: a checkpoint tensor copied (transposed, cast) in
 //! chunks, or a quantization result's buffers.
 
-use std::os::unix::fs::FileExt;
-
 use crate::cast::cast_into;
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::FloatSlice;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::job::transpose_bytes;
 use crate::pack::Packed;
 use crate::quant::dynamic_map;
@@ -48,6 +46,8 @@ pub(super) fn write_plain(
                         info.dtype.size(),
                     );
                     ckpt.release(info);
+                    // The transpose read the mapping: were its bytes still the file's?
+                    ckpt.check(info)?;
                     b
                 } else {
                     read(ckpt, info, 0, info.nbytes())?
@@ -70,11 +70,7 @@ pub(super) fn write_plain(
 /// Bytes `a..b` of a tensor, read with `pread`.
 fn read(ckpt: &Checkpoint, info: &TensorInfo, a: usize, b: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; b - a];
-    let shard = &ckpt.shards[info.shard];
-    shard
-        .file
-        .read_exact_at(&mut buf, (info.start + a) as u64)
-        .map_err(|e| Error::io(&shard.path, e))?;
+    ckpt.read_at(info, a, &mut buf)?;
     Ok(buf)
 }
 
@@ -87,14 +83,11 @@ fn copy_range(
     buf: &mut Vec<u8>,
 ) -> Result<()> {
     const STEP: usize = 8 << 20;
-    let src = &ckpt.shards[info.shard];
     buf.resize(STEP.min(info.nbytes()), 0);
     let mut done = 0usize;
     while done < info.nbytes() {
         let n = STEP.min(info.nbytes() - done);
-        src.file
-            .read_exact_at(&mut buf[..n], (info.start + done) as u64)
-            .map_err(|e| Error::io(&src.path, e))?;
+        ckpt.read_at(info, done, &mut buf[..n])?;
         out.put_at(t, done as u64, &buf[..n])?;
         done += n;
     }

@@ -23,6 +23,7 @@ use super::files::Shards;
 use super::layout::{Content, Layout};
 use super::manifest::{verify, Hasher, Manifest, MANIFEST_NAME};
 use super::parts::{write_part, write_plain};
+use super::sources::source_digests;
 
 /// Knobs of a conversion.
 #[derive(Clone, Debug)]
@@ -107,18 +108,21 @@ pub fn convert(
     let paths: Vec<PathBuf> = layout.shards.iter().map(|s| dir.join(&s.name)).collect();
     let params: serde_json::Value = serde_json::from_str(&opts.params_json)
         .map_err(|e| Error::InvalidArgument(format!("conversion parameters are not JSON: {e}")))?;
-    // Shards a previous run finished and that still hash to what it recorded.
+    let pool = pipeline::pool(opts.pipeline.threads)?;
+    // What each shard is made from, for the manifest and to check a previous run's shards against.
+    let sources = pool.install(|| source_digests(&ckpt, layout))?;
+    // Shards a previous run finished from the same source bytes, and that still hash to what it recorded.
     let mut manifest = Manifest::new(params.clone(), fingerprint.clone());
     let mut kept: HashSet<usize> = HashSet::new();
     if opts.resume {
         if let Some(old) = Manifest::load_for_resume(dir, &params, &fingerprint)? {
-            let pool = pipeline::pool(opts.pipeline.threads)?;
             let checks: Vec<(usize, bool)> = pool.install(|| {
                 layout
                     .shards
                     .par_iter()
                     .enumerate()
                     .filter_map(|(i, s)| old.shards.get(&s.name).map(|r| (i, r)))
+                    .filter(|&(i, r)| r.source == sources[i])
                     .map(|(i, r)| verify(&paths[i], r).map(|ok| (i, ok)))
                     .collect::<Result<Vec<_>>>()
             })?;
@@ -135,7 +139,14 @@ pub fn convert(
     }
     manifest.save(dir)?;
     let mut run = Run::new(ckpt, layout, &paths, &kept, opts, progress)?;
-    let hasher = Hasher::start(dir.to_path_buf(), paths.clone(), manifest, opts.fsync)?;
+    drop(pool);
+    let hasher = Hasher::start(
+        dir.to_path_buf(),
+        paths.clone(),
+        sources,
+        manifest,
+        opts.fsync,
+    )?;
     let finished = run.execute(&hasher);
     let manifest = hasher.join();
     let finished = finished?;

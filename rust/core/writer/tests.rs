@@ -322,3 +322,55 @@ fn a_nan_names_the_file_and_tensor() {
         "{msg}"
     );
 }
+
+#[test]
+fn resume_rewrites_the_shards_of_a_source_changed_in_place() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = source(tmp.path());
+    let part = tmp.path().join("part");
+    let (s, _) = run(&src, &part, 1500, false, Some(2));
+    assert!(s.is_none(), "cancelled");
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(part.join(MANIFEST_NAME)).unwrap()).unwrap();
+    let kept = m.shards.len();
+    assert!(
+        m.shards.values().all(|r| r.source.starts_with("xxh3-128:")),
+        "{m:?}"
+    );
+    // The first output shards hold a.weight's parts: change its source bytes, same size. (Size and
+    // mtime are the caller's parameters; the core must not need them to notice.)
+    let a = Checkpoint::open(&src)
+        .unwrap()
+        .info("a.weight")
+        .unwrap()
+        .clone();
+    let file = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    file.write_all_at(&bf16(64, 99), a.start as u64).unwrap();
+    let (s, _) = run(&src, &part, 1500, true, None);
+    let s = s.unwrap();
+    let resumed: Vec<&str> = s
+        .shards
+        .iter()
+        .filter(|s| s.resumed)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert!(resumed.len() < kept, "{resumed:?} of {kept}");
+    for shard in s.shards.iter().filter(|s| s.resumed) {
+        assert!(
+            !shard.tensors.iter().any(|t| t.starts_with("a.weight")),
+            "{} was kept",
+            shard.name
+        );
+    }
+    let whole = tmp.path().join("whole");
+    run(&src, &whole, 1500, false, None).0.unwrap();
+    for entry in std::fs::read_dir(&whole).unwrap() {
+        let name = entry.unwrap().file_name();
+        assert_eq!(
+            std::fs::read(whole.join(&name)).unwrap(),
+            std::fs::read(part.join(&name)).unwrap(),
+            "{name:?}"
+        );
+    }
+}

@@ -5,7 +5,7 @@
 use std::ffi::c_int;
 use std::sync::Arc;
 
-use memmap2::MmapMut;
+use fastq::guard::GuardedMap;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -15,7 +15,7 @@ enum Owner {
     Bytes(#[allow(dead_code)] Vec<u8>),
     Floats(#[allow(dead_code)] Vec<f32>),
     Ints(#[allow(dead_code)] Vec<i8>),
-    Map(#[allow(dead_code)] Arc<MmapMut>),
+    Map(#[allow(dead_code)] Arc<GuardedMap>),
 }
 
 /// A contiguous run of bytes owned by Rust (`memoryview(buf)` or `torch.frombuffer(buf, dtype=...)`).
@@ -58,15 +58,20 @@ impl Buffer {
         }
     }
     /// A window `start..end` of a shard mapping.
-    pub fn from_map(map: Arc<MmapMut>, start: usize, end: usize) -> Self {
-        assert!(start <= end && end <= map.len());
-        // SAFETY: start..end lies inside the mapping (asserted); the Arc keeps the mapping alive.
+    pub fn from_map(map: Arc<GuardedMap>, start: usize, end: usize) -> fastq::Result<Self> {
+        if start > end || end > map.len() {
+            return Err(fastq::Error::Internal(format!(
+                "bytes {start}..{end} are outside a {}-byte mapping",
+                map.len()
+            )));
+        }
+        // SAFETY: start..end lies inside the mapping (checked above); the Arc keeps it alive.
         let ptr = unsafe { (map.as_ptr() as *mut u8).add(start) };
-        Buffer {
+        Ok(Buffer {
             _owner: Owner::Map(map),
             ptr,
             len: end - start,
-        }
+        })
     }
 }
 

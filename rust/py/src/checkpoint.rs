@@ -67,15 +67,33 @@ impl Checkpoint {
         Ok(d)
     }
 
-    /// The bytes of tensor `name`, without a copy (a window of the shard's private mapping).
+    /// The bytes of tensor `name`, without a copy (a window of the shard's private mapping). A shard
+    /// cut short since it was opened raises TruncatedShardError here.
     fn get(&self, name: &str) -> PyResult<Buffer> {
         let t = self.inner.info(name).py_err()?;
+        self.inner.check(t).py_err()?;
         let map = self.inner.shards[t.shard].map.clone();
-        Ok(Buffer::from_map(map, t.start, t.end))
+        Buffer::from_map(map, t.start, t.end).py_err()
+    }
+
+    /// Raises TruncatedShardError for the first of the named tensors (every tensor when `names` is
+    /// None) whose bytes the file no longer holds: a shard cut short since it was opened.
+    #[pyo3(signature = (names=None))]
+    fn check(&self, py: Python<'_>, names: Option<Vec<String>>) -> PyResult<()> {
+        let infos: Vec<&fastq::TensorInfo> = match &names {
+            Some(names) => names
+                .iter()
+                .map(|n| self.inner.info(n))
+                .collect::<fastq::Result<_>>()
+                .py_err()?,
+            None => self.inner.tensors().iter().collect(),
+        };
+        py.allow_threads(|| self.inner.check_all(infos)).py_err()
     }
 
     /// Maps the pages of the named tensors into the process in parallel (GIL released), so that the
-    /// zero-copy tensors `get` returns are resident before they are used.
+    /// zero-copy tensors `get` returns are resident before they are used. A shard cut short since it
+    /// was opened raises TruncatedShardError naming the first tensor it lost.
     #[pyo3(signature = (names, threads=None))]
     fn populate(&self, py: Python<'_>, names: Vec<String>, threads: Option<usize>) -> PyResult<()> {
         use rayon::prelude::*;
@@ -85,8 +103,10 @@ impl Checkpoint {
             .collect::<fastq::Result<Vec<_>>>()
             .py_err()?;
         let pool = pipeline::pool(threads).py_err()?;
-        py.allow_threads(|| pool.install(|| infos.par_iter().for_each(|t| self.inner.populate(t))));
-        Ok(())
+        py.allow_threads(|| {
+            pool.install(|| infos.par_iter().try_for_each(|t| self.inner.populate(t)))
+        })
+        .py_err()
     }
 
     /// Total bytes of tensor data.

@@ -55,10 +55,9 @@ fn path_and_tensor(e: &Error) -> (Option<String>, Option<String>) {
     let p = |p: &std::path::Path| Some(p.display().to_string()).filter(|s| !s.is_empty());
     let t = |t: &str| Some(t.to_string()).filter(|s| !s.is_empty());
     match e {
-        Error::NotFound { path } | Error::Io { path, .. } | Error::InvalidHeader { path, .. } => {
-            (p(path), None)
-        }
-        Error::ShardTruncated { path, tensor, .. }
+        Error::NotFound { path } | Error::Io { path, .. } => (p(path), None),
+        Error::InvalidHeader { path, tensor, .. }
+        | Error::ShardTruncated { path, tensor, .. }
         | Error::SizeMismatch { path, tensor, .. }
         | Error::UnknownTensor { path, tensor }
         | Error::UnsupportedDtype { path, tensor, .. }

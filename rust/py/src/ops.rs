@@ -100,8 +100,9 @@ pub fn quantize_int8<'py>(
 }
 
 fn check_len(x: &FloatSlice, shape: &[usize]) -> fastq::Result<()> {
-    let n: usize = shape.iter().product();
-    if n != x.len() {
+    let n = fastq::dtype::numel(shape);
+    if n != Some(x.len()) {
+        let n = n.map_or("more than 2^64".into(), |n| n.to_string());
         return Err(Error::BadShape {
             path: Default::default(),
             tensor: String::new(),
