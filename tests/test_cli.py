@@ -235,3 +235,9 @@ def test_bar_shows_the_rate_shown_rate_gives():
         assert "100MB/s" in later or "99.9MB/s" in later, later
     finally:
         bar.close()
+
+
+def test_quantize_experts_is_refused_by_convert(src, tmp_path):
+    line = assert_one_error_line(fastq_cli("convert", src, tmp_path / "out", "--load-in-4bit", "--quantize-experts"), 1)
+    assert "quantize_experts has no checkpoint format" in line
+    assert not (tmp_path / "out").exists()

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-modules", nargs="+", default=None, metavar="MODULE", help="llm_int8_skip_modules")
     c.add_argument("--keep-in-fp32-modules", nargs="+", default=None, metavar="MODULE", help="modules kept unquantized in float32")
     c.add_argument("--threshold", type=float, default=None, help="llm_int8_threshold (default 6.0)")
+    c.add_argument("--quantize-experts", action="store_true", default=None,
+                   help="also quantize fused MoE experts (fastq.load(quantize_experts=True); convert refuses it: "
+                        "no loader reads that layout yet)")
     c.add_argument("--dtype", default=None, help="dtype of the unquantized tensors (default: the config's)")
     c.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
     c.add_argument("--threads", type=_positive_int, default=None, help="quantization threads (default: every core)")
@@ -98,6 +101,7 @@ def _quant_config(args):
         "llm_int8_skip_modules": args.skip_modules,
         "keep_in_fp32_modules": args.keep_in_fp32_modules,
         "llm_int8_threshold": args.threshold,
+        "quantize_experts": args.quantize_experts,
     }
     return QuantConfig(**{k: v for k, v in fields.items() if v is not None})
 

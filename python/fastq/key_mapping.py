@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import Checkpoint
+from .errors import FastqError
 
 __all__ = ["Merged", "Sources", "checkpoint_sources"]
 
@@ -93,7 +94,13 @@ def checkpoint_sources(model: torch.nn.Module, ckpt: Checkpoint) -> Sources:
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     collected: dict[str, tuple[object, dict[str, list[str]]]] = {}
     for key in sorted(ckpt.keys(), key=dot_natural_key):
-        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        try:
+            target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        except TypeError as e:  # a transformers whose matcher takes other arguments than 5.24's
+            raise FastqError(
+                f"transformers {_version()}'s rename_source_key is not the one fastq calls ({e}); "
+                "please report it with your transformers version"
+            ) from e
         if target not in meta and key in meta:
             target, pattern = key, None
         if target not in meta:
@@ -110,6 +117,12 @@ def checkpoint_sources(model: torch.nn.Module, ckpt: Checkpoint) -> Sources:
         except _Unsupported as e:
             out.unsupported[target] = str(e)
     return out
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 class _Unsupported(Exception):
