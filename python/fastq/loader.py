@@ -27,9 +27,9 @@ from .dispatch import finalize, raise_glibc_mmap_threshold
 from .errors import ConfigError
 from .logs import quiet_bitsandbytes
 from .placement import fill, start_prefetch
-from .plan import Plan, check_complete, make_plan, warn_non_finite
+from .plan import Plan, check_complete, make_plan, report_unused, warn_non_finite
 from .resolve import Inputs, Source, resolve_inputs
-from .skeleton import build_empty, param_dtypes, quantized_modules, replace_modules
+from .skeleton import SKELETON_LOCK, build_empty, param_dtypes, quantized_modules, replace_modules
 
 __all__ = ["Prepared", "load", "load_and_quantize_model", "prepare"]
 
@@ -92,11 +92,12 @@ def load(
     if not cpu_only and torch.cuda.is_available():
         transfer.prefetch_ring()  # pinning the ring overlaps building the skeleton
     caller_model = model is not None
-    if model is None:
-        if src.config_path is None:
-            raise ConfigError(f"{src.path}: no config.json beside the weights; pass model= (an empty model)")
-        model = build_empty(src.folder, dtype, trust_remote_code)
-    hfq = replace_modules(model, qcfg, device_map, dtype) if qcfg is not None else None
+    if model is None and src.config_path is None:
+        raise ConfigError(f"{src.path}: no config.json beside the weights; pass model= (an empty model)")
+    with SKELETON_LOCK:
+        if model is None:
+            model = build_empty(src.folder, dtype, trust_remote_code)
+        hfq = replace_modules(model, qcfg, device_map, dtype) if qcfg is not None else None
     timeline.mark("skeleton")
     dmap = dmap_mod.resolve(model, device_map, max_memory, hfq)
     if qcfg is not None:
@@ -142,6 +143,7 @@ def _plan(model, inputs: Inputs) -> Plan:
         quantize_dtype=dtype,
     )
     check_complete(plan, str(src.path))
+    report_unused(plan, str(src.path))
     warn_non_finite(inputs.ckpt, plan)
     if inputs.prequantized and plan.by_kind("4bit", "int8"):
         names = ", ".join(e.name for e in plan.by_kind("4bit", "int8")[:3])
@@ -182,8 +184,9 @@ def prepare(path, cfg=None, *, dtype=None, trust_remote_code: bool = False) -> P
     src, qcfg, dtype = inputs.source, inputs.qcfg, inputs.dtype
     if src.config_path is None:
         raise ConfigError(f"{src.path}: no config.json beside the weights")
-    model = build_empty(src.folder, dtype, trust_remote_code)
-    hfq = replace_modules(model, qcfg, None, dtype) if qcfg is not None else None
+    with SKELETON_LOCK:
+        model = build_empty(src.folder, dtype, trust_remote_code)
+        hfq = replace_modules(model, qcfg, None, dtype) if qcfg is not None else None
     plan = _plan(model, inputs)
     return Prepared(model, plan, qcfg, dtype, inputs.ckpt, src, inputs.prequantized, hfq)
 

@@ -8,6 +8,7 @@ quantize (4-bit / int8), read pre-quantized bytes, or copy as is.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,7 +20,9 @@ from .errors import FastqError, ShapeError
 from .key_mapping import Sources, checkpoint_sources
 from .prequantized import check_prequantized_4bit, check_prequantized_int8
 
-__all__ = ["Entry", "Plan", "check_complete", "make_plan", "warn_non_finite"]
+__all__ = ["Entry", "Plan", "check_complete", "make_plan", "report_unused", "warn_non_finite"]
+
+_log = logging.getLogger("fastq")
 
 
 @dataclass
@@ -271,6 +274,14 @@ def check_complete(plan: Plan, where: str) -> None:
         )
         err.path, err.tensor = where, plan.missing[0]
         raise err
+
+
+def report_unused(plan: Plan, where: str) -> None:
+    """Logs the checkpoint tensors no parameter of the model uses, as transformers does (a warning on its
+    logger, "Some weights of the model checkpoint ... were not used"), on the ``fastq`` logger."""
+    if plan.unused:
+        shown = ", ".join(plan.unused[:8]) + (" ..." if len(plan.unused) > 8 else "")
+        _log.warning("%s: %d checkpoint tensor(s) are not used by the model: %s", where, len(plan.unused), shown)
 
 
 def warn_non_finite(ckpt: Checkpoint, plan: Plan) -> list[str]:

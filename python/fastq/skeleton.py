@@ -10,6 +10,7 @@ import ast
 import contextlib
 import functools
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -17,7 +18,12 @@ import torch
 from .config import QuantConfig
 from .errors import ConfigFileError, ShapeError
 
-__all__ = ["build_empty", "init_non_persistent_buffers", "no_init", "param_dtypes", "quantized_modules", "replace_modules"]
+#: Held while a skeleton is built and its modules swapped: accelerate's ``init_empty_weights``,
+#: transformers' ``no_init_weights`` and the default dtype the swap sets are process-wide patches, so two
+#: loads from two threads building at once got each other's real or meta parameters.
+SKELETON_LOCK = threading.RLock()
+
+__all__ = ["SKELETON_LOCK", "build_empty", "init_non_persistent_buffers", "no_init", "param_dtypes", "quantized_modules", "replace_modules"]
 
 
 def build_empty(folder, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
