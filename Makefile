@@ -29,7 +29,7 @@ test-py:
 lint:  ## formatting and lints as CI runs them
 	cargo fmt --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	$(PY) -m ruff check python tests benches scripts
+	$(PY) -m ruff check python tests benches scripts examples
 
 bench:  ## criterion benches (quantization throughput, whole-checkpoint quantization)
 	cargo bench
