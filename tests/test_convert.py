@@ -357,6 +357,17 @@ def wait_for_shards(proc: subprocess.Popen, tmp: Path, n: int, timeout: float = 
 CONVERT = ["--load-in-4bit", "--quant-type", "nf4", "--max-shard-size", "1MB", "--threads", "1"]
 
 
+def kill_after_shards(src: Path, dst: Path, n: int = 3) -> Path:
+    """Starts ``fastq convert SRC DST`` (CONVERT's flags), SIGKILLs it once ``n`` shards are finished;
+    returns its temporary folder."""
+    tmp = temp_folder(dst)
+    proc = start_cli("convert", src, dst, *CONVERT)
+    wait_for_shards(proc, tmp, n)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    return tmp
+
+
 @pytest.fixture(scope="module")
 def big_source(tmp_path_factory):
     return make_llama(tmp_path_factory.mktemp("big") / "src")
@@ -378,11 +389,7 @@ def assert_identical_folders(a: Path, b: Path) -> None:
 
 def test_kill_then_resume(big_source, big_reference, tmp_path):
     dst = tmp_path / "out"
-    tmp = temp_folder(dst)
-    proc = start_cli("convert", big_source, dst, *CONVERT)
-    wait_for_shards(proc, tmp, 3)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    tmp = kill_after_shards(big_source, dst)
     assert not dst.exists(), "a killed conversion must not leave a finished-looking folder"
     kept = manifest_shards(tmp)
     assert kept >= 3
@@ -581,11 +588,7 @@ def test_resume_after_a_source_changed_in_place_with_its_mtime_restored(big_sour
     src = tmp_path / "src"
     shutil.copytree(big_source, src)
     dst = tmp_path / "out"
-    tmp = temp_folder(dst)
-    proc = start_cli("convert", src, dst, *CONVERT)
-    wait_for_shards(proc, tmp, 3)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    tmp = kill_after_shards(src, dst)
     made_from = set()
     for name in json.loads((tmp / "fastq-manifest.json").read_text())["shards"]:
         with safe_open(tmp / name, "pt") as f:

@@ -176,6 +176,13 @@ fn run(
     (summary, seen)
 }
 
+/// A run into `dir` cancelled once two shards are done; the manifest it leaves.
+fn cancelled_after_two_shards(src: &Path, dir: &Path) -> Manifest {
+    let (s, _) = run(src, dir, 1500, false, Some(2));
+    assert!(s.is_none(), "cancelled");
+    serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_NAME)).unwrap()).unwrap()
+}
+
 #[test]
 fn converts_what_the_quantizers_produce() {
     let tmp = tempfile::tempdir().unwrap();
@@ -250,10 +257,7 @@ fn cancel_then_resume_gives_the_same_bytes() {
     let n = s.unwrap().shards.len();
     assert!(n >= 4, "{n} shards");
     let part = tmp.path().join("part");
-    let (s, _) = run(&src, &part, 1500, false, Some(2));
-    assert!(s.is_none(), "cancelled");
-    let m: Manifest =
-        serde_json::from_slice(&std::fs::read(part.join(MANIFEST_NAME)).unwrap()).unwrap();
+    let m = cancelled_after_two_shards(&src, &part);
     let kept = m.shards.len();
     assert!(kept >= 2 && kept < n, "{kept} of {n}");
     // damage one finished shard: the resumed run writes it again
@@ -329,10 +333,7 @@ fn resume_rewrites_the_shards_of_a_source_changed_in_place() {
     let tmp = tempfile::tempdir().unwrap();
     let src = source(tmp.path());
     let part = tmp.path().join("part");
-    let (s, _) = run(&src, &part, 1500, false, Some(2));
-    assert!(s.is_none(), "cancelled");
-    let m: Manifest =
-        serde_json::from_slice(&std::fs::read(part.join(MANIFEST_NAME)).unwrap()).unwrap();
+    let m = cancelled_after_two_shards(&src, &part);
     let kept = m.shards.len();
     assert!(
         m.shards.values().all(|r| r.source.starts_with("xxh3-128:")),
