@@ -156,7 +156,8 @@ def _quantized_strategy(model, strategy, max_memory, no_split) -> dict:
 
     no_split = no_split or getattr(model, "_no_split_modules", None) or []
     with _exact_sizes(model) as special:
-        mem = get_max_memory(max_memory)
+        limits = get_max_memory(max_memory)  # the budgets as given (or every device's free memory)
+        mem = limits
         if strategy != "sequential":
             balanced = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
                                            special_dtypes=special, low_zero=strategy == "balanced_low_0")
@@ -171,7 +172,7 @@ def _quantized_strategy(model, strategy, max_memory, no_split) -> dict:
             mem = dict(balanced)
             for i, k in enumerate(gpus[:-1]):
                 if not (low_zero and i == 0):
-                    mem[k] = min(get_max_memory(max_memory)[k], int(share + largest + block // 2))
+                    mem[k] = min(limits[k], int(share + largest + block // 2))
         dm = infer_auto_device_map(model, max_memory=mem, no_split_module_classes=no_split, special_dtypes=special)
     return {k: v for k, v in dm.items() if not k.endswith("." + STATS)}
 
