@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .checkpoint import SPEC_INT8, Spec4bit
+from .dtypes import FLOAT_INPUTS
 from .errors import ConfigError
 from .source import QUANT_METHOD
 
@@ -26,7 +27,7 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # The strings transformers' BitsAndBytesConfig accepts for bnb_4bit_quant_storage.
 STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = FLOAT_INPUTS
 _ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 # field: (the dtypes it accepts, what None stands for)
 _DTYPE_FIELDS = {

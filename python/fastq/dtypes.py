@@ -38,8 +38,9 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
 #: The reverse table.
 TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 
-#: The dtypes a weight can be quantized from (the Rust kernels read these).
-FLOAT_INPUTS: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+#: The float dtypes a weight can be quantized from (the Rust kernels read these), which are also the
+#: compute dtypes bitsandbytes' modules accept (config.py validates against this tuple, in this order).
+FLOAT_INPUTS: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def st_name(dtype: torch.dtype) -> str:
