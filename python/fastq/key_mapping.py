@@ -31,10 +31,9 @@ __all__ = ["Merged", "Sources", "checkpoint_sources"]
 class Merged:
     """A model tensor assembled from several checkpoint tensors: each piece ``(tensor, offset, nbytes)``
     is a whole checkpoint tensor written at a byte offset of the destination (row-major, in the
-    pieces' common safetensors dtype ``dtype``)."""
+    pieces' common dtype, the first piece's)."""
 
     pieces: tuple[tuple[str, int, int], ...]
-    dtype: str
     shape: tuple[int, ...]
 
     @property
@@ -177,5 +176,5 @@ def _assemble(ckpt: Checkpoint, conv, lists: dict[str, list[str]]) -> Merged:
     else:
         raise _Unsupported(f"operations {ops} with dims {dims} are not byte gathers fastq writes yet")
     assert at == item * math.prod(shape)
-    return Merged(tuple(pieces), metas[0][0].dtype, tuple(shape))
+    return Merged(tuple(pieces), tuple(shape))
 
