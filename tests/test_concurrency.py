@@ -1,7 +1,5 @@
-"""Threads and processes: fastq.ops and Checkpoint.quantize from several Python threads at once give the
-serial results byte for byte (fastq.load from several threads is not there yet: installing a weight
-goes through ``nn.Module.__setattr__``, which accelerate's ``init_empty_weights`` patches process-wide
-while another thread builds its skeleton); a forked child (a DataLoader worker) quantizes after its
+"""Threads and processes: fastq.ops, Checkpoint.quantize and fastq.load from several Python threads at
+once give the serial results byte for byte; a forked child (a DataLoader worker) quantizes after its
 parent used the worker pool without deadlocking; FASTQ_NUM_THREADS and threads= set the pool's size;
 checkpoint tensors the model does not use are reported as transformers reports them."""
 
@@ -57,6 +55,27 @@ def test_checkpoint_quantize_from_two_threads_equals_serial(tiny_model):
     with ThreadPoolExecutor(2) as ex:
         a, b = ex.submit(run), ex.submit(run)
         assert a.result() == serial and b.result() == serial
+
+
+def _state_bytes(model) -> dict[str, bytes]:
+    return {k: _bytes(v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("cfg", [dict(load_in_4bit=True, bnb_4bit_use_double_quant=True), dict(load_in_8bit=True)])
+def test_loads_from_several_threads_equal_serial(tiny_model, cfg):
+    # Each load builds its skeleton under accelerate's init_empty_weights (a process-wide patch of
+    # nn.Module.register_parameter) while the others install weights: 8 loads on 4 threads, every
+    # state-dict byte equal to a serial load's. Before install.py set weights through _parameters,
+    # weights installed while another thread built its skeleton went to the meta device.
+    folder = tiny_model("llama")
+
+    def load():
+        return _state_bytes(fastq.load(folder, fastq.QuantConfig(**cfg), "cpu", progress=False))
+
+    serial = load()
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: load(), range(8)))
+    assert all(r == serial for r in results)
 
 
 def _child_quantizes(queue) -> None:

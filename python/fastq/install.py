@@ -25,6 +25,13 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
+def _set_weight(module, w: torch.nn.Parameter) -> None:
+    """``module.weight = w`` without ``nn.Module.__setattr__``: accelerate's ``init_empty_weights`` patches
+    ``register_parameter`` process-wide while a skeleton is built, so a load in another thread had its
+    freshly installed weights sent to the meta device."""
+    module._parameters["weight"] = w
+
+
 def set_4bit(module, packed: torch.Tensor, state, device) -> None:
     """Installs a packed 4-bit weight (``fastq.ops``-style result) on a ``Linear4bit``."""
     import bitsandbytes as bnb
@@ -46,7 +53,7 @@ def set_4bit(module, packed: torch.Tensor, state, device) -> None:
     )
     if device.type not in ("cpu", "cuda"):
         w = w.to(device)  # bnb_quantized: moves bytes and QuantState, never re-quantizes
-    module.weight = w
+    _set_weight(module, w)
     module.quant_state = w.quant_state
 
 
@@ -57,7 +64,7 @@ def prequantized_4bit(module, weight: torch.Tensor, stats: dict[str, torch.Tenso
     w = bnb.nn.Params4bit.from_prequantized(
         data=weight, quantized_stats=stats, requires_grad=False, device=_device(device), module=module
     )
-    module.weight = w
+    _set_weight(module, w)
 
 
 def set_int8(module, cb: torch.Tensor, scb: torch.Tensor, device) -> None:
@@ -71,7 +78,7 @@ def set_int8(module, cb: torch.Tensor, scb: torch.Tensor, device) -> None:
     w.CB, w.SCB = cb, scb
     if device.type not in ("cpu", "cuda"):
         w = w.to(device)  # int8 data: moved, not quantized again
-    module.weight = w
+    _set_weight(module, w)
 
 
 def prequantized_int8(module, weight: torch.Tensor, scb: torch.Tensor, device) -> None:
