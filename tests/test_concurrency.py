@@ -61,7 +61,7 @@ def _state_bytes(model) -> dict[str, bytes]:
     return {k: _bytes(v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-@pytest.mark.parametrize("cfg", [dict(load_in_4bit=True, bnb_4bit_use_double_quant=True), dict(load_in_8bit=True)])
+@pytest.mark.parametrize("cfg", [{"load_in_4bit": True, "bnb_4bit_use_double_quant": True}, {"load_in_8bit": True}])
 def test_loads_from_several_threads_equal_serial(tiny_model, cfg):
     # Each load builds its skeleton under accelerate's init_empty_weights (a process-wide patch of
     # nn.Module.register_parameter) while the others install weights: 8 loads on 4 threads, every
