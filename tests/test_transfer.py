@@ -80,3 +80,43 @@ def test_reader_refuses_a_read_only_or_too_small_destination(ckpt):
     t = reader.submit([("small", 0, 68, 32)], dst)
     t.wait()
     assert t.done() and dst[32:100] == bytes(ck.get("small").numpy().tobytes())
+
+
+@pytest.mark.parametrize("what", ["plain", "prequantized"])
+def test_an_early_upload_places_what_a_load_places(tiny_model, tmp_path, what):
+    # device_fill.EarlyUpload streams the whole checkpoint before the model exists (a CPU "device" runs
+    # the GPU steps); the fill then takes the buffers in file order: every state-dict byte equals a load's.
+    from fastq.device_fill import EarlyUpload, _fill_early
+    from fastq.dispatch import finalize
+    from fastq.loader import prepare
+
+    folder = tiny_model("llama")
+    if what == "prequantized":
+        cfg = fastq.QuantConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True)
+        fastq.convert(folder, tmp_path / "nf4", cfg, progress=False)
+        folder = tmp_path / "nf4"
+    ref = fastq.load(folder, None, "cpu", progress=False).state_dict()
+    p = prepare(folder)
+    cpu = torch.device("cpu")
+    early = EarlyUpload(p.ckpt, cpu, threads=2)
+    _fill_early(p.model, p.ckpt, [e for e in p.plan.entries if e.kind != "tied"], cpu, early, None)
+    finalize(p.model, p.plan, {"": "cpu"}, p.hf_quantizer, p.qcfg, None, {})
+    got = p.model.state_dict()
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        if isinstance(v, torch.Tensor):
+            assert got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_an_early_upload_cancelled_or_cut_short(ckpt, tmp_path):
+    from fastq.device_fill import EarlyUpload
+
+    ck, _ = ckpt
+    early = EarlyUpload(ck, torch.device("cpu"), threads=2)
+    early.cancel()  # returns once the reads in flight are done; nothing is left running
+    assert not early._thread.is_alive()
+    os.truncate(tmp_path / "model.safetensors", os.path.getsize(tmp_path / "model.safetensors") - 100)
+    early = EarlyUpload(ck, torch.device("cpu"), threads=2)
+    with pytest.raises(fastq.TruncatedShardError) as e:
+        list(early.buffers())
+    assert e.value.tensor == ck.keys()[-1]

@@ -3,7 +3,8 @@ checkpoints):
 
     python3 benches/gpu/probe.py --work /tmp/fastq-gpu --out $OUT [pin] [ring] [memory]
 
-  pin     seconds to pin the ring's host memory for several sizes (fresh process each, CUDA warm)
+  pin     seconds to pin the ring's host memory for several sizes and ways (fresh process each, CUDA
+          warm): one slot after the other, or the ring's threads with cudaHostAlloc or cudaHostRegister
   ring    fastq.load of the 7B-shaped checkpoint (plain bf16, NF4 + DQ, pre-quantized NF4) for several
           ring shapes and reader thread counts (FASTQ_RING_SLOTS / FASTQ_RING_SLOT_MIB /
           FASTQ_NUM_THREADS), through compare.py's cases: load seconds, phases, read/copy GB/s
@@ -27,14 +28,35 @@ HERE = Path(__file__).parent
 RING_CONFIGS = [(4, 64, 0), (4, 64, 12), (4, 128, 0), (2, 128, 0), (8, 32, 0), (6, 64, 0)]
 
 
-def pin_case(slots: int, mib: int) -> dict:
+PIN_METHODS = ("serial", "alloc", "register")
+
+
+def pin_case(slots: int, mib: int, method: str) -> dict:
+    """Seconds until every slot is pinned: "serial" (one ``torch.empty(pin_memory=True)`` after the
+    other, the ring before 2026-12-03), or the ring's own threads with ``FASTQ_RING_PIN`` = method; and
+    the GB/s of one pinned 64 MiB host-to-device copy from a slot (registered memory must copy as fast)."""
     import torch
+    from fastq.transfer import PinnedRing
 
     torch.zeros(1, device="cuda")
     t = time.perf_counter()
-    bufs = [torch.empty(mib << 20, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+    if method == "serial":
+        bufs = [torch.empty(mib << 20, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+    else:
+        ring = PinnedRing(mib << 20, slots, method=method)
+        ring.wait_all()
+        bufs = [ring.buffer(k) for k in range(slots)]
     dt = time.perf_counter() - t
-    return {"slots": slots, "mib": mib, "pin_s": dt, "GBps": slots * (mib << 20) / dt / 1e9, "n": len(bufs)}
+    dev = torch.empty(mib << 20, dtype=torch.uint8, device="cuda")
+    copy = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        c = time.perf_counter()
+        dev.copy_(bufs[0], non_blocking=True)
+        torch.cuda.synchronize()
+        copy.append((mib << 20) / (time.perf_counter() - c) / 1e9)
+    return {"slots": slots, "mib": mib, "method": method, "pin_s": dt, "GBps": slots * (mib << 20) / dt / 1e9,
+            "pinned": bool(bufs[0].is_pinned()), "copy_GBps": max(copy)}
 
 
 def memory_case(case: str, work: Path) -> dict:
@@ -112,21 +134,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/fastq-gpu")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--pin", nargs=2, type=int)
+    ap.add_argument("--pin", nargs=3)
     ap.add_argument("--memory")
     ap.add_argument("what", nargs="*", default=["pin", "ring", "memory"])
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
     if a.pin:
-        print("RESULT " + json.dumps(pin_case(*a.pin)), flush=True)
+        print("RESULT " + json.dumps(pin_case(int(a.pin[0]), int(a.pin[1]), a.pin[2])), flush=True)
         return
     if a.memory:
         print("RESULT " + json.dumps(memory_case(a.memory, work)), flush=True)
         return
     results = {}
     if "pin" in a.what:
-        results["pin"] = [sub([__file__, "--pin", str(s), str(m)]) for s, m in
-                          [(4, 64), (4, 32), (4, 128), (8, 64), (2, 128), (1, 256)]]
+        results["pin"] = [sub([__file__, "--pin", str(s), str(m), how]) for s, m in [(4, 64), (8, 32), (4, 128)]
+                          for how in PIN_METHODS]
         for r in results["pin"]:
             print("pin", r, flush=True)
     if "ring" in a.what:

@@ -50,17 +50,76 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
 
 
-class PinnedRing:
-    """``slots`` pinned host buffers of ``slot_bytes`` each, with the event of the last copy out of each."""
+#: How the ring's host memory is pinned: "register" (pageable memory, its pages faulted in by torch's
+#: threads, then ``cudaHostRegister``) or "alloc" (``torch.empty(pin_memory=True)``: ``cudaHostAlloc``,
+#: which faults and pins page by page on one thread, ~2 GB/s on the H200 machine: 0.13 s for 4 x 64
+#: MiB, before the first read). ``FASTQ_RING_PIN`` chooses; benches/gpu/probe.py ``pin`` measures both.
+PIN_METHOD = os.environ.get("FASTQ_RING_PIN", "register")
 
-    def __init__(self, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS, pin: bool = True):
+
+def _pinned(nbytes: int, method: str) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory, by ``method`` (``PIN_METHOD``); "register" falls back to
+    "alloc" where the driver refuses to register."""
+    if method == "register":
+        t = torch.empty(nbytes, dtype=torch.uint8)
+        t.zero_()  # every page faulted in now, by torch's threads, so registering only locks them
+        if int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)) == 0:
+            return t
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+class PinnedRing:
+    """``slots`` pinned host buffers of ``slot_bytes`` each, with the event of the last copy out of each.
+
+    The slots are pinned by background threads, all at once (torch releases the GIL while it pins);
+    ``buffer(k)`` and ``array(k)`` wait for slot ``k`` only, so the first read starts as soon as the
+    first slot is ready rather than when the whole ring is."""
+
+    def __init__(self, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS, pin: bool = True, method: str | None = None):
         self.slot_bytes = slot_bytes
-        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(slots)]
-        self.arrays = [b.numpy() for b in self.buffers]  # writable buffer-protocol views for Rust
         self.events: list[torch.cuda.Event | None] = [None] * slots
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self._arrays: list = [None] * slots
+        self._errors: list[BaseException | None] = [None] * slots
+        self._ready = [threading.Event() for _ in range(slots)]
+        method = method or PIN_METHOD
+        for k in range(slots):
+            if pin:
+                threading.Thread(target=self._make, args=(k, method), daemon=True, name=f"fastq-pin-{k}").start()
+            else:
+                self._make(k, None)
+
+    def _make(self, k: int, method: str | None) -> None:
+        try:
+            buf = _pinned(self.slot_bytes, method) if method else torch.empty(self.slot_bytes, dtype=torch.uint8)
+            self._buffers[k], self._arrays[k] = buf, buf.numpy()  # a writable buffer-protocol view for Rust
+        except Exception as e:  # noqa: BLE001 - re-raised where the slot is used
+            self._errors[k] = e
+        finally:
+            self._ready[k].set()
+
+    def _wait(self, k: int) -> None:
+        self._ready[k].wait()
+        if self._errors[k] is not None:
+            raise self._errors[k]
+
+    def buffer(self, k: int) -> torch.Tensor:
+        """Slot ``k`` as a uint8 tensor (waits until it is pinned)."""
+        self._wait(k)
+        return self._buffers[k]
+
+    def array(self, k: int):
+        """Slot ``k`` as a writable numpy array for the Rust readers (waits until it is pinned)."""
+        self._wait(k)
+        return self._arrays[k]
+
+    def wait_all(self) -> None:
+        """Returns once every slot is pinned."""
+        for k in range(len(self)):
+            self._wait(k)
 
     def __len__(self) -> int:
-        return len(self.buffers)
+        return len(self._buffers)
 
 
 _RING: PinnedRing | None = None
@@ -68,8 +127,8 @@ _RING_LOCK = threading.Lock()
 
 
 def ring_for() -> PinnedRing:
-    """The process's ring, allocated on first use (pinning takes time: ``prefetch_ring`` overlaps it
-    with building the model skeleton)."""
+    """The process's ring, made on first use; its slots are pinned in the background (``prefetch_ring``
+    starts that before the model skeleton is built)."""
     global _RING
     with _RING_LOCK:
         if _RING is None:
@@ -77,11 +136,9 @@ def ring_for() -> PinnedRing:
         return _RING
 
 
-def prefetch_ring() -> threading.Thread:
-    """Allocates the ring in the background (torch releases the GIL while it pins the pages)."""
-    t = threading.Thread(target=ring_for, daemon=True, name="fastq-ring")
-    t.start()
-    return t
+def prefetch_ring() -> PinnedRing:
+    """The process's ring, its slots being pinned in the background while the caller goes on."""
+    return ring_for()
 
 
 @dataclass
@@ -211,11 +268,13 @@ def stream_to_device(
     threads: int | None = None,
     ring: PinnedRing | None = None,
     timeline: Timeline | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     """Moves the bytes of every request to ``device``, in order; calls ``on_ready(key, buffer)`` with a
     uint8 device tensor of the request's bytes as soon as its copies are queued on the current stream
     (work the callback queues on that stream runs after them). Returns when every copy is queued; the
-    caller synchronizes before handing the results to a user."""
+    caller synchronizes before handing the results to a user. Once ``stop`` is set, no further batch
+    is read: the reads in flight are waited for (they write into the ring's slots) and it returns."""
     requests = list(requests)
     if not requests:
         return
@@ -240,7 +299,7 @@ def stream_to_device(
         if ev is not None:
             ev.synchronize()  # the copy out of this slot has finished (GIL released by torch)
         pieces = [p for i, off, n, at in batches[k] for p in requests[i].reads(off, n, at)]
-        tickets.append(reader.submit(pieces, ring.arrays[slot]))
+        tickets.append(reader.submit(pieces, ring.array(slot)))
 
     ahead = len(ring) - 1
     for k in range(min(ahead, len(batches))):
@@ -249,8 +308,12 @@ def stream_to_device(
         for j, batch in enumerate(batches):
             ticket = tickets.popleft()
             ticket.wait()
+            if stop is not None and stop.is_set():
+                for t in tickets:
+                    t.wait()
+                return
             slot = j % len(ring)
-            host = ring.buffers[slot]
+            host = ring.buffer(slot)
             if timeline is not None:
                 a, b = ticket.times()
                 timeline.reads.append((a, b, sum(n for _, _, n, _ in batch)))
