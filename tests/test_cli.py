@@ -1,7 +1,7 @@
 """The ``fastq`` command, run as users run it (``python -m fastq`` in a subprocess): exit status 2 and one
 error for flags that are malformed or contradict each other, 1 and one line for a fastq error, never a
-traceback; ``--help`` imports none of torch, transformers and bitsandbytes; bitsandbytes' kernels
-warning is not printed; the progress bar shows no rate before there is one.
+traceback; ``--help`` and ``inspect`` (estimates included) import none of torch, transformers and
+bitsandbytes; bitsandbytes' kernels warning is not printed; the progress bar shows no rate before there is one.
 """
 
 from __future__ import annotations
@@ -145,6 +145,20 @@ def test_inspect_without_estimates_imports_no_heavy_library(tiny_model):
     status, heavy, out = imported_by("inspect", tiny_model("llama"), "--no-estimate")
     assert status == 0 and "21 tensors" in out
     assert heavy == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_inspect_with_estimates_imports_no_heavy_library(tiny_model, family):
+    """The estimates come from the headers (fastq/estimate.py): no model is built."""
+    status, heavy, out = imported_by("inspect", tiny_model(family))
+    assert status == 0 and "estimated from the headers" in out and "4-bit nf4, double quant" in out
+    assert heavy == []
+
+
+def test_inspect_exact_builds_the_model(tiny_model):
+    status, heavy, out = imported_by("inspect", tiny_model("llama"), "--exact")
+    assert status == 0 and "exact, from the built model" in out
+    assert set(heavy) == set(HEAVY)
 
 
 def test_inspect_of_a_converted_checkpoint_imports_no_heavy_library(tiny_model, tmp_path):

@@ -1,7 +1,7 @@
 """The ``fastq`` command (also ``python -m fastq``).
 
     fastq convert SRC DST --load-in-4bit --quant-type nf4 [--double-quant] [--max-shard-size 5GB] ...
-    fastq inspect PATH [--json] [--verify]
+    fastq inspect PATH [--json] [--verify] [--exact | --no-estimate]
     fastq demo
 
 Exit status: 0 done, 1 a fastq error (the checkpoint, the destination, the disk: one line on stderr),
@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="a checkpoint folder or safetensors file")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument("--verify", action="store_true", help="check shards against fastq-manifest.json")
-    i.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip the 4-bit / 8-bit estimates")
+    est = i.add_mutually_exclusive_group()
+    est.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip the 4-bit / 8-bit estimates")
+    est.add_argument("--exact", action="store_true",
+                     help="estimate by building the empty model (torch, transformers, bitsandbytes: seconds) even "
+                          "where the headers suffice")
 
     sub.add_parser("demo", help="quantize and load a real model (SmolLM2-135M) on the CPU")
     return parser
@@ -149,7 +153,7 @@ def _size(n: int) -> str:
 def _inspect(args) -> int:
     from .inspect import inspect_checkpoint
 
-    r = inspect_checkpoint(args.path, estimate=args.estimate, verify=args.verify)
+    r = inspect_checkpoint(args.path, estimate=args.estimate, exact=args.exact, verify=args.verify)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -167,7 +171,12 @@ def _inspect(args) -> int:
         else:
             what = q["method"] or "bitsandbytes"
             print(f"  quantization: {what}; {sum(q['4bit_weights'].values())} 4-bit and {q['int8_weights']} int8 weights")
-    print("  memory of a load (weights):")
+    how = ""
+    if r.get("estimate") == "from headers":
+        how = " - estimated from the headers"
+    elif r.get("estimate") == "exact":
+        how = f" - exact, from the built model ({r['estimate_note']})"
+    print(f"  memory of a load (weights){how}:")
     for k, v in r["memory"].items():
         print(f"    {k:>24}: {_size(v)}")
     if "manifest" in r:

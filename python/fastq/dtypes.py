@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .dtype_names import FLOAT_INPUT_NAMES, ST_TO_NAME
 from .errors import UnsupportedDtypeError
 
 __all__ = [
@@ -16,31 +17,16 @@ __all__ = [
     "torch_dtype",
 ]
 
-#: safetensors' dtype names and the torch dtypes they hold (safetensors' ``_TYPES``).
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+#: safetensors' dtype names and the torch dtypes they hold (safetensors' ``_TYPES``; the names in
+#: dtype_names.py, which needs no torch).
+ST_TO_TORCH: dict[str, torch.dtype] = {st: getattr(torch, name) for st, name in ST_TO_NAME.items()}
 
 #: The reverse table.
 TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 
 #: The float dtypes a weight can be quantized from (the Rust kernels read these), which are also the
 #: compute dtypes bitsandbytes' modules accept (config.py validates against this tuple, in this order).
-FLOAT_INPUTS: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_INPUTS: tuple[torch.dtype, ...] = tuple(ST_TO_TORCH[n] for n in FLOAT_INPUT_NAMES)
 
 
 def st_name(dtype: torch.dtype) -> str:

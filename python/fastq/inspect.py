@@ -14,16 +14,26 @@ from pathlib import Path
 from . import _fastq
 from .bnb_format import SCB, quant_state_type
 from .errors import HeaderError
+from .estimate import estimate_from_headers, uncovered
 from .source import QUANT_METHOD, Source, quant_method, quantization_method, saved_quantization
 
-__all__ = ["estimate_bytes", "inspect_checkpoint", "shard_digest", "verify_shards"]
+__all__ = ["ESTIMATES", "estimate_bytes", "inspect_checkpoint", "shard_digest", "verify_shards"]
 
-# Only the estimates build the model (torch, transformers, bitsandbytes): the rest of the report reads
-# headers and JSON, so ``fastq inspect --no-estimate`` or of a quantized checkpoint imports none of them.
+# Only the exact estimates build the model (torch, transformers, bitsandbytes): the report reads headers
+# and JSON, and estimates from them where estimate.py's rule covers the checkpoint, so ``fastq inspect``
+# of a covered family (or with --no-estimate, or of a quantized checkpoint) imports none of them.
+
+#: The loads ``inspect`` estimates: report label -> BitsAndBytesConfig fields.
+ESTIMATES: dict[str, dict] = {
+    "4-bit nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "4-bit nf4, double quant": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "8-bit": {"load_in_8bit": True},
+}
 
 
 def estimate_bytes(path: Path, cfg) -> int:
-    """Bytes of every tensor a load with ``cfg`` holds (what ``convert`` would write)."""
+    """Bytes of every tensor a load with ``cfg`` holds (what ``convert`` would write), exactly: the empty
+    model is built and planned as ``convert`` plans it (torch, transformers and bitsandbytes imported)."""
     from .convert import plan_outputs
     from .loader import prepare
 
@@ -33,19 +43,34 @@ def estimate_bytes(path: Path, cfg) -> int:
     return sum(size for _, tensors in layout for _, _, _, size, _ in tensors)
 
 
-def inspect_checkpoint(path: str | os.PathLike, *, estimate: bool = True, verify: bool = False) -> dict:
+def _fast_estimate(folder: Path, config: dict, fields: dict) -> int:
+    """``estimate_from_headers`` of the load that BitsAndBytesConfig ``fields`` describe."""
+    return estimate_from_headers(
+        folder, config, load_in_8bit=fields.get("load_in_8bit", False),
+        quant_type=fields.get("bnb_4bit_quant_type", "fp4"),
+        double_quant=fields.get("bnb_4bit_use_double_quant", False),
+    )
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike, *, estimate: bool = True, exact: bool = False, verify: bool = False
+) -> dict:
     """What ``fastq inspect`` reports, as a dict.
 
     Args:
         path: a checkpoint folder (config.json + safetensors) or one safetensors file.
-        estimate: compute the memory a 4-bit and an 8-bit load would take (builds the empty model).
+        estimate: compute the memory a 4-bit and an 8-bit load would take: from the headers and
+            config.json where fastq.estimate's rule covers the checkpoint, else by building the empty model.
+        exact: always build the empty model for the estimates (torch, transformers, bitsandbytes; seconds).
         verify: check every shard against ``fastq-manifest.json``.
 
     Returns:
         ``tensors``, ``total_bytes``, ``dtypes`` ({dtype: {"tensors", "bytes"}}), ``shards``,
         ``quantization`` (None or a description: ``quant_method``, ``method`` - "nf4", "fp4",
         "llm_int8", None for another library's -, ``config``, ``4bit_weights``, ``int8_weights``),
-        ``memory`` ({"as stored", "4-bit nf4", ...}), and ``manifest`` where one exists.
+        ``memory`` ({"as stored", "4-bit nf4", ...}), with estimates ``estimate`` ("from headers" or
+        "exact") and ``estimate_note`` (why the exact path was taken, None when it was not), and
+        ``manifest`` where one exists.
     """
     p = Path(path)
     src = Source(p)
@@ -83,14 +108,18 @@ def inspect_checkpoint(path: str | os.PathLike, *, estimate: bool = True, verify
         "memory": {"as stored": total},
     }
     if estimate and config and quant is None:
-        from .config import QuantConfig
-
         folder = src.folder
-        report["memory"]["4-bit nf4"] = estimate_bytes(folder, QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
-        report["memory"]["4-bit nf4, double quant"] = estimate_bytes(
-            folder, QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
-        )
-        report["memory"]["8-bit"] = estimate_bytes(folder, QuantConfig(load_in_8bit=True))
+        note = "asked for (exact=True)" if exact else uncovered(config, keys)
+        if note is None:
+            for label, fields in ESTIMATES.items():
+                report["memory"][label] = _fast_estimate(folder, config, fields)
+        else:
+            from .config import QuantConfig
+
+            for label, fields in ESTIMATES.items():
+                report["memory"][label] = estimate_bytes(folder, QuantConfig(**fields))
+        report["estimate"] = "from headers" if note is None else "exact"
+        report["estimate_note"] = note
     manifest = src.folder / "fastq-manifest.json"
     if manifest.is_file():
         m = _read_manifest(manifest)

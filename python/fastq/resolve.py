@@ -17,7 +17,13 @@ import torch
 from .checkpoint import Checkpoint
 from .config import QuantConfig, dtype_named
 from .errors import ConfigError
-from .source import Source, require_bitsandbytes, saved_quantization
+from .source import (
+    Source,
+    config_dtype_name,
+    require_bitsandbytes,
+    saved_quantization,
+    transformers_reads_config_dtype,
+)
 
 __all__ = ["Inputs", "Source", "dtype_from_name", "resolve_inputs"]
 
@@ -96,14 +102,6 @@ def _saved_config(saved: dict, src: Source) -> QuantConfig:
         raise err from None
 
 
-def _transformers_default_dtype() -> str | None:
-    """What ``from_pretrained`` does without ``dtype=``: transformers 5 reads config.json (``"auto"``),
-    transformers 4 used torch's default dtype (modeling_utils.py, ``from_pretrained``: ``dtype = "auto"``)."""
-    import transformers
-
-    return "auto" if int(transformers.__version__.split(".")[0]) >= 5 else None
-
-
 def _explicit_dtype(dtype, qcfg: QuantConfig | None) -> bool:
     return dtype is not None or (qcfg is not None and qcfg.torch_dtype is not None)
 
@@ -120,11 +118,10 @@ def _resolve_dtype(dtype, qcfg: QuantConfig | None, raw_config: dict) -> torch.d
     5; torch's default, float32, on transformers 4)."""
     if dtype is None and qcfg is not None and qcfg.torch_dtype is not None:
         dtype = qcfg.torch_dtype
-    if dtype is None:
-        dtype = _transformers_default_dtype()
+    if dtype is None and transformers_reads_config_dtype():
+        dtype = "auto"
     if dtype == "auto":
-        name = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32"
-        return dtype_from_name(str(name), "config.json's dtype")
+        return dtype_from_name(config_dtype_name(raw_config), "config.json's dtype")
     if dtype is None:
         return torch.get_default_dtype()
     if isinstance(dtype, str):

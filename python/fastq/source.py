@@ -7,6 +7,7 @@ another library's. The first thing ``fastq.load``, ``convert`` and ``inspect`` d
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -16,11 +17,13 @@ from .errors import ConfigFileError, FastqIOError, MissingFileError
 __all__ = [
     "QUANT_METHOD",
     "Source",
+    "config_dtype_name",
     "quant_method",
     "quantization_method",
     "read_config",
     "require_bitsandbytes",
     "saved_quantization",
+    "transformers_reads_config_dtype",
 ]
 
 #: The ``quant_method`` of the checkpoints fastq reads and writes (transformers' ``QuantizationMethod``).
@@ -136,6 +139,23 @@ def require_bitsandbytes(q: dict, path: Path | None) -> None:
             f"quantization_config has quant_method {method!r}: the checkpoint is quantized with {method}, "
             "and fastq handles bitsandbytes (4-bit NF4/FP4 and LLM.int8) checkpoints only",
         )
+
+
+def transformers_reads_config_dtype() -> bool:
+    """Whether the installed transformers' ``from_pretrained`` builds the model in config.json's dtype when
+    no ``dtype=`` is given (transformers 5: ``dtype = "auto"``) rather than torch's default (transformers 4;
+    modeling_utils.py, ``from_pretrained``). Read from the package's metadata, without importing it."""
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return True  # what the current transformers does; the load itself will say it is missing
+    return int(version.split(".")[0]) >= 5
+
+
+def config_dtype_name(raw: dict) -> str:
+    """The dtype a config.json asks for (``dtype``, older ``torch_dtype``; ``"float32"`` without one), as
+    ``from_pretrained(dtype="auto")`` reads it."""
+    return str(raw.get("dtype") or raw.get("torch_dtype") or "float32")
 
 
 def _json_kind(value) -> str:
