@@ -96,6 +96,7 @@ def run_case(case: str, ckpt: Path, pre: Path, pre8: Path, out: Path) -> dict:
     import accelerate  # noqa: F401
     import bitsandbytes  # noqa: F401
     import fastq
+    import fastq.loader  # fastq imports its stages on first use
     import torch
     import transformers
     import transformers.integrations.bitsandbytes

@@ -5,16 +5,11 @@ calls transformers makes (``Params4bit._quantize``: ``quantize_4bit`` with compr
 transformers + bitsandbytes on the same GPU by construction, double-quant offsets and int8 included.
 
 Pre-quantized tensors (fastq's and transformers' checkpoints) and unquantized ones take the same
-ring straight into their parameters: no per-tensor copy from pageable memory. Such a load lands on
-the device as it is stored, so its bytes need no plan: ``EarlyUpload`` streams the whole checkpoint
-from before the model skeleton is built (loader.py), and the fill places the buffers as they come.
+ring straight into their parameters: no per-tensor copy from pageable memory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import sys
 import threading
 
 import torch
@@ -22,72 +17,10 @@ import torch
 from . import device_map as dmap_mod
 from .bnb_format import QUANT_STATE, SCB, WEIGHT_FORMAT, quant_state_stat
 from .checkpoint import SPEC_INT8
-from .errors import InternalError
 from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
-from .transfer import Request, Timeline, ring_for, stream_to_device
+from .transfer import Request, Timeline, stream_to_device
 
-__all__ = ["EarlyUpload", "cuda_device", "fill_on_device"]
-
-#: The interpreter's thread switch interval while the early upload runs beside the skeleton: the
-#: upload thread needs the GIL for a few microseconds per 64 MiB batch, and the default 5 ms wait for
-#: it would cap the upload at ~13 GB/s while Python builds the model.
-SWITCH_INTERVAL_S = 0.0005
-
-
-class EarlyUpload:
-    """Every tensor of ``ckpt`` streamed to ``device`` in file order by a background thread, started
-    before the model exists; ``buffers()`` hands them over in that order. For loads whose tensors land
-    on the device as stored (no quantization, or a pre-quantized checkpoint): device memory holds
-    nothing beyond the model, and the reads overlap building it."""
-
-    def __init__(self, ckpt, device: torch.device, threads=None, timeline: Timeline | None = None):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL_S))
-        requests = [Request(name, name, ckpt.meta(name).nbytes) for name in ckpt]
-        # The caller's stream: what it queues later runs after the copies. (A CPU "device" runs the same
-        # steps, for tests.)
-        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        if stream is not None:
-            ring_for()
-        self._thread = threading.Thread(
-            target=self._run, args=(ckpt, requests, device, stream, threads, timeline), daemon=True, name="fastq-early"
-        )
-        self._thread.start()
-
-    def _run(self, ckpt, requests, device, stream, threads, timeline) -> None:
-        try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                stream_to_device(
-                    ckpt, requests, device, lambda key, buf: self._queue.put((key, buf)), threads=threads,
-                    timeline=timeline, stop=self._stop,
-                )
-        except BaseException as e:  # noqa: BLE001 - raised in the loading thread by buffers()
-            self._error = e
-        finally:
-            self._queue.put(None)
-
-    def consuming(self) -> None:
-        """The model is built: the loading thread now takes the buffers, so the default switch interval
-        comes back."""
-        sys.setswitchinterval(self._switch)
-
-    def buffers(self):
-        """``(tensor name, uint8 device buffer)`` as each arrives; re-raises the upload's error."""
-        self.consuming()
-        while (item := self._queue.get()) is not None:
-            yield item
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def cancel(self) -> None:
-        """Stops reading (the load failed before the fill) and waits for the reads in flight."""
-        self.consuming()
-        self._stop.set()
-        self._thread.join()
+__all__ = ["cuda_device", "fill_on_device", "warm_kernels"]
 
 
 def cuda_device(dev) -> torch.device | None:
@@ -104,6 +37,31 @@ def _weight(ckpt, name: str, buf: torch.Tensor) -> torch.Tensor:
     """The device bytes ``buf`` of checkpoint tensor ``name`` as a tensor of its dtype and shape."""
     m = ckpt.meta(name)
     return buf.view(m.torch_dtype).view(m.shape)
+
+
+def warm_kernels(spec, device: torch.device) -> threading.Thread:
+    """Runs bitsandbytes' quantizer for ``spec`` once on a few bytes of ``device``, in the background:
+    its first call loads the CUDA kernels and sets up torch's dispatch for the op (62 ms for NF4, 28 ms
+    for int8 on the H200, in the fill's critical path before; BENCHMARKS.md, run 7). Started while the
+    skeleton is built; the GIL is released while the driver loads the kernels."""
+
+    def run() -> None:
+        import bitsandbytes.functional as bf
+
+        try:
+            with torch.cuda.device(device):
+                if spec == SPEC_INT8:
+                    bf.int8_vectorwise_quant(torch.zeros(32, 64, dtype=torch.float16, device=device))
+                else:
+                    w = torch.zeros(spec.blocksize * 256, dtype=torch.bfloat16, device=device)
+                    bf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
+                                     quant_type=spec.quant_type, quant_storage=spec.quant_storage)
+        except Exception:  # noqa: BLE001, S110 - only a warm-up: the fill's own call reports a failure
+            pass
+
+    t = threading.Thread(target=run, daemon=True, name="fastq-warm")
+    t.start()
+    return t
 
 
 def _quantize_4bit(module, w: torch.Tensor, spec, dev: torch.device) -> None:
@@ -125,7 +83,7 @@ def _quantize_int8(module, w: torch.Tensor, dev: torch.device) -> None:
 
 def fill_on_device(
     model, ckpt, entries, dmap: dict, spec, *, quantize: bool, threads=None, timeline: Timeline | None = None,
-    on_placed=None, early: EarlyUpload | None = None,
+    on_placed=None,
 ) -> list:
     """Places the plan entries whose device is a GPU through the ring.
 
@@ -139,7 +97,6 @@ def fill_on_device(
         threads: reader threads.
         timeline: where to record the stages' spans.
         on_placed: called with each entry once its tensor is in place (progress).
-        early: the upload of the whole checkpoint already under way (every entry is then on its device).
 
     Returns:
         The entries left for the host path.
@@ -151,56 +108,9 @@ def fill_on_device(
             left.append(e)
         else:
             by_device.setdefault(dev, []).append(e)
-    if early is not None:
-        if left or len(by_device) != 1:
-            raise InternalError("an early upload goes to one device, with every entry on it")
-        (dev, group), = by_device.items()
-        _fill_early(model, ckpt, group, dev, early, on_placed)
-        return left
     for dev, group in by_device.items():
         _fill_one(model, ckpt, group, dev, spec, threads, timeline, on_placed)
     return left
-
-
-def _parts(e) -> list[tuple[str, str]]:
-    """``(part, checkpoint tensor)`` that placing entry ``e`` takes (the weight, and a pre-quantized
-    weight's statistics; its quant_state JSON is read on the host)."""
-    names = [("weight", e.source)]
-    if e.kind in ("4bit-pre", "int8-pre"):
-        names += [(k, v) for k, v in e.extra.items() if k not in (QUANT_STATE, WEIGHT_FORMAT)]
-    return names
-
-
-def _fill_early(model, ckpt, entries, dev: torch.device, early: EarlyUpload, on_placed) -> None:
-    """Places the entries from the early upload's buffers as they arrive; a tensor assembled from
-    several checkpoint tensors is put together on the device once its pieces are in."""
-    waiting: dict[str, list] = {}  # checkpoint tensor -> (entry, part) that take it
-    got: dict[int, tuple] = {}
-    for e in entries:
-        parts = [(("piece", src), src) for src, _, _ in e.pieces] if e.pieces else _parts(e)
-        got[id(e)] = (e, {}, len(parts))
-        for part, src in parts:
-            waiting.setdefault(src, []).append((e, part))
-    for name, buf in early.buffers():
-        for e, part in waiting.pop(name, ()):
-            _, have, need = got[id(e)]
-            have[part] = buf
-            if len(have) < need:
-                continue
-            del got[id(e)]
-            if e.pieces:
-                whole = torch.empty(e.nbytes, dtype=torch.uint8, device=dev)
-                for src, at, n in e.pieces:
-                    whole[at : at + n].copy_(have[("piece", src)])
-                have = {"weight": whole.view(ckpt.meta(e.source).torch_dtype).view(e.shape)}
-            else:
-                have = {p: _weight(ckpt, src, have[p]) for p, src in _parts(e)}
-            _place(model, ckpt, e, have, dev, None)
-            if on_placed is not None:
-                on_placed(e)
-    if got:
-        names = ", ".join(e.name for e, _, _ in list(got.values())[:3])
-        raise InternalError(f"{ckpt.path}: the early upload ended before {names} arrived")
 
 
 def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, on_placed) -> None:
@@ -210,7 +120,9 @@ def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, 
             parts[id(e)] = (e, {}, 1)
             requests.append(Request((id(e), "weight", e.source), e.source, e.nbytes, e.pieces))
             continue
-        names = _parts(e)
+        names = [("weight", e.source)]
+        if e.kind in ("4bit-pre", "int8-pre"):
+            names += [(k, v) for k, v in e.extra.items() if k not in (QUANT_STATE, WEIGHT_FORMAT)]
         parts[id(e)] = (e, {}, len(names))
         for part, src in names:
             requests.append(Request((id(e), part, src), src, ckpt.meta(src).nbytes))

@@ -9,9 +9,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = [
-    "STRATEGIES", "check_offload", "cpu_only", "default_device", "device_of", "quantized_sizes", "resolve", "single_gpu",
-]
+__all__ = ["STRATEGIES", "check_offload", "cpu_only", "default_device", "device_of", "quantized_sizes", "resolve"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -26,25 +24,6 @@ def cpu_only(device_map) -> bool:
     if device_map is None:
         return not torch.cuda.is_available()
     return device_map in ("cpu", {"": "cpu"}) or device_map == torch.device("cpu")
-
-
-def single_gpu(device_map) -> torch.device | None:
-    """The one GPU every tensor goes to when ``device_map`` as given says so before the model exists
-    (None with a GPU present, an index, "cuda" / "cuda:N", a CUDA ``torch.device``, or ``{"": one of
-    those}``); None otherwise (the CPU, a strategy, a map of several entries)."""
-    if isinstance(device_map, dict):
-        if set(device_map) != {""}:
-            return None
-        device_map = device_map[""]
-    if device_map is None:
-        device_map = default_device()
-    if isinstance(device_map, str) and device_map in STRATEGIES or isinstance(device_map, bool):
-        return None
-    try:
-        dev = torch.device(_norm(device_map))
-    except (RuntimeError, TypeError):
-        return None
-    return dev if dev.type == "cuda" and torch.cuda.is_available() else None
 
 
 def _norm(value):

@@ -23,7 +23,7 @@ from . import device_map as dmap_mod
 from . import transfer
 from .checkpoint import Checkpoint
 from .config import QuantConfig
-from .device_fill import EarlyUpload
+from .device_fill import warm_kernels
 from .dispatch import finalize, raise_glibc_mmap_threshold
 from .errors import ConfigError
 from .logs import quiet_bitsandbytes
@@ -85,29 +85,16 @@ def load(
     # A caller's empty model keeps its own dtype unless one is asked for (then every floating tensor is
     # cast to it, as accelerate's load_and_quantize_model casts to torch_dtype).
     inputs = resolve_inputs(path, cfg, dtype, model)
-    ckpt, qcfg = inputs.ckpt, inputs.qcfg
+    src, ckpt, qcfg, dtype = inputs.source, inputs.ckpt, inputs.qcfg, inputs.dtype
     # A checkpoint read in place on the CPU (pre-quantized or plain) is made resident in the background,
     # with the GIL released, while the model skeleton is built below.
     cpu_only = dmap_mod.cpu_only(device_map)
-    as_stored = inputs.prequantized or qcfg is None  # every tensor lands as the checkpoint holds it
-    prefetch = start_prefetch(ckpt, threads) if as_stored and cpu_only else None
-    # Such a load to one GPU needs no plan to read: its bytes stream to the device while the skeleton is built.
-    gpu = dmap_mod.single_gpu(device_map) if as_stored and os.environ.get("FASTQ_EARLY", "1") != "0" else None
-    early = EarlyUpload(ckpt, gpu, threads, timeline) if gpu is not None else None
-    if early is None and not cpu_only and torch.cuda.is_available():
+    prefetch = start_prefetch(ckpt, threads) if (inputs.prequantized or qcfg is None) and cpu_only else None
+    warm = None
+    if not cpu_only and torch.cuda.is_available():
         transfer.prefetch_ring()  # pinning the ring overlaps building the skeleton
-    try:
-        return _load(path, inputs, model, device_map, max_memory, offload_folder, trust_remote_code, progress, threads,
-                     quantize_on, prefetch, early, timeline)
-    except BaseException:
-        if early is not None:
-            early.cancel()
-        raise
-
-
-def _load(path, inputs, model, device_map, max_memory, offload_folder, trust_remote_code, progress, threads, quantize_on,
-          prefetch, early, timeline):
-    src, ckpt, qcfg, dtype = inputs.source, inputs.ckpt, inputs.qcfg, inputs.dtype
+        if qcfg is not None and not inputs.prequantized and quantize_on != "cpu":
+            warm = warm_kernels(qcfg.spec, torch.device("cuda", torch.cuda.current_device()))
     caller_model = model is not None
     if model is None and src.config_path is None:
         raise ConfigError(f"{src.path}: no config.json beside the weights; pass model= (an empty model)")
@@ -140,10 +127,11 @@ def _load(path, inputs, model, device_map, max_memory, offload_folder, trust_rem
         prefetch.join()
     timeline.mark("plan")
     offload_index = fill(
-        model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads, prefetch is not None, quantize_on != "cpu",
-        early,
+        model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads, prefetch is not None, quantize_on != "cpu"
     )
     timeline.mark("fill")
+    if warm is not None:
+        warm.join()
     raise_glibc_mmap_threshold()
     finalize(model, plan, dmap, hfq, qcfg, offload_folder, offload_index)
     timeline.mark("finalize")

@@ -51,9 +51,10 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 #: How the ring's host memory is pinned: "register" (pageable memory, its pages faulted in by torch's
-#: threads, then ``cudaHostRegister``) or "alloc" (``torch.empty(pin_memory=True)``: ``cudaHostAlloc``,
-#: which faults and pins page by page on one thread, ~2 GB/s on the H200 machine: 0.13 s for 4 x 64
-#: MiB, before the first read). ``FASTQ_RING_PIN`` chooses; benches/gpu/probe.py ``pin`` measures both.
+#: threads, then ``cudaHostRegister``) or "alloc" (``torch.empty(pin_memory=True)``, ``cudaHostAlloc``).
+#: On the H200 machine 4 x 64 MiB took 0.036 s registered, 0.116 s allocated (one thread per slot) and
+#: 0.087 s allocated one slot after the other (BENCHMARKS.md, run 7; copies from either run at 54 GB/s).
+#: ``FASTQ_RING_PIN`` chooses; benches/gpu/probe.py ``pin`` measures the ways.
 PIN_METHOD = os.environ.get("FASTQ_RING_PIN", "register")
 
 
@@ -268,13 +269,11 @@ def stream_to_device(
     threads: int | None = None,
     ring: PinnedRing | None = None,
     timeline: Timeline | None = None,
-    stop: threading.Event | None = None,
 ) -> None:
     """Moves the bytes of every request to ``device``, in order; calls ``on_ready(key, buffer)`` with a
     uint8 device tensor of the request's bytes as soon as its copies are queued on the current stream
     (work the callback queues on that stream runs after them). Returns when every copy is queued; the
-    caller synchronizes before handing the results to a user. Once ``stop`` is set, no further batch
-    is read: the reads in flight are waited for (they write into the ring's slots) and it returns."""
+    caller synchronizes before handing the results to a user."""
     requests = list(requests)
     if not requests:
         return
@@ -308,10 +307,6 @@ def stream_to_device(
         for j, batch in enumerate(batches):
             ticket = tickets.popleft()
             ticket.wait()
-            if stop is not None and stop.is_set():
-                for t in tickets:
-                    t.wait()
-                return
             slot = j % len(ring)
             host = ring.buffer(slot)
             if timeline is not None:
