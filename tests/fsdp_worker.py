@@ -8,12 +8,14 @@ Each step is ``WHO:QUANT`` (QUANT: ``nf4``, or ``dq`` for NF4 with double quant;
 - ``tf``: transformers' ``from_pretrained`` (device_map="cpu"), trained;
 - ``fq``: ``fastq.load(..., "cpu")`` (a device map: a full copy per rank), trained;
 - ``share``: ``fastq.load`` with no device map (the FSDP share mode), its forward guard tried before
-  ``fully_shard``, trained; prints the rank's ``fastq_share`` counters;
+  ``fully_shard``, its shards compared with FSDP's chunks of a full fastq load (``SHARDS``), trained;
+  prints the rank's ``fastq_share`` counters;
 - ``full``: ``fastq.load(..., shard=False)``, its digest printed, trained;
 - ``stats``: ``fastq.load(..., shard=True)``, the counters printed (no training; any world size);
 - ``int8:-``: LLM.int8 in share mode (fastq refuses it) and transformers' int8 model under fully_shard.
 
-Rank 0 prints ``LOSSES STEP x ...``; every rank prints ``STATS STEP RANK json`` and ``DIGEST STEP RANK hex``.
+Rank 0 prints ``LOSSES STEP x ...``; every rank prints ``STATS STEP RANK json``, ``DIGEST STEP RANK hex``
+and ``SHARDS STEP RANK ok``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,39 @@ def _forward_refused(model, rank: int) -> bool:
     return False
 
 
-def train(model, rank: int, share: bool = False) -> list[float]:
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def shards_match(model, reference, rank: int, world: int) -> str:
+    """"ok" when every parameter's local shard after fully_shard is the chunk FSDP makes of the reference
+    model's full parameter (torch.chunk on dim 0, trailing ranks empty), and every 4-bit layer's quant
+    state is the reference's; else the first parameter that differs."""
+    import bitsandbytes as bnb
+
+    full = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        base = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if "lora_" in name:
+            continue
+        chunks = list(torch.chunk(full[base].detach(), world, dim=0))
+        want = chunks[rank] if rank < len(chunks) else full[base].new_empty(0)
+        if not torch.equal(_bytes(p.to_local()), _bytes(want)):
+            return f"bad:{base}"
+    ref_modules = dict(reference.named_modules())
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            a, b = m.quant_state, ref_modules[name.removeprefix("base_model.model.").removesuffix(".base_layer")].quant_state
+            pairs = [(a.absmax, b.absmax), (a.code, b.code)]
+            if b.nested:
+                pairs += [(a.offset, b.offset), (a.state2.absmax, b.state2.absmax)]
+            if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype or any(
+                    not torch.equal(_bytes(x), _bytes(y)) for x, y in pairs):
+                return f"bad-state:{name}"
+    return "ok"
+
+
+def train(model, rank: int, share: bool = False, reference=None, tag: str = "") -> list[float]:
     import peft
     from torch.distributed.fsdp import fully_shard
 
@@ -74,6 +108,8 @@ def train(model, rank: int, share: bool = False) -> list[float]:
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    if reference is not None:
+        print(f"SHARDS {tag} {rank} {shards_match(model, reference, rank, dist.get_world_size())}", flush=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = _ids(rank)
     losses = []
@@ -134,8 +170,11 @@ def main(rank: int, world: int, folder: str, port: str, steps: str) -> None:
             print(f"STATS {step} {rank} {json.dumps(dataclasses.asdict(stats))}", flush=True)
         if who == "full":
             print(f"DIGEST {step} {rank} {digest(model)}", flush=True)
+        reference = None
+        if who == "share":  # what each rank's shards must be: FSDP's chunks of fastq's full load
+            reference = fastq.load(folder, cfg, "cpu", dtype=torch.bfloat16, progress=False)
         if who != "stats":
-            losses = train(model, rank, share=who == "share")
+            losses = train(model, rank, share=who == "share", reference=reference, tag=step)
             if rank == 0:
                 print(f"LOSSES {step} " + " ".join(repr(x) for x in losses), flush=True)
         del model
