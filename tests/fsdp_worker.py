@@ -11,6 +11,7 @@ Each step is ``WHO:QUANT`` (QUANT: ``nf4``, or ``dq`` for NF4 with double quant;
   ``fully_shard``, its shards compared with FSDP's chunks of a full fastq load (``SHARDS``), trained;
   prints the rank's ``fastq_share`` counters;
 - ``full``: ``fastq.load(..., shard=False)``, its digest printed, trained;
+- ``check``: ``share`` without the training;
 - ``stats``: ``fastq.load(..., shard=True)``, the counters printed (no training; any world size);
 - ``int8:-``: LLM.int8 in share mode (fastq refuses it) and transformers' int8 model under fully_shard.
 
@@ -61,7 +62,7 @@ def _forward_refused(model, rank: int) -> bool:
     try:
         model(input_ids=_ids(rank))
     except fastq.PartialShareError as e:
-        return f"rank {rank} of 2's share" in str(e) and "fully_shard" in str(e)
+        return f"rank {rank} of {dist.get_world_size()}'s share" in str(e) and "fully_shard" in str(e)
     return False
 
 
@@ -97,7 +98,7 @@ def shards_match(model, reference, rank: int, world: int) -> str:
     return "ok"
 
 
-def train(model, rank: int, share: bool = False, reference=None, tag: str = "") -> list[float]:
+def train(model, rank: int, share: bool = False, reference=None, tag: str = "", steps: int = 6) -> list[float]:
     import peft
     from torch.distributed.fsdp import fully_shard
 
@@ -113,7 +114,7 @@ def train(model, rank: int, share: bool = False, reference=None, tag: str = "") 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = _ids(rank)
     losses = []
-    for _ in range(6):
+    for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -163,7 +164,8 @@ def main(rank: int, world: int, folder: str, port: str, steps: str) -> None:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=cfg,
                                                                       device_map="cpu", dtype=torch.bfloat16)
         else:
-            args = {"fq": ("cpu", None), "share": (None, None), "full": (None, False), "stats": (None, True)}[who]
+            args = {"fq": ("cpu", None), "share": (None, None), "check": (None, None), "full": (None, False),
+                    "stats": (None, True)}[who]
             model = fastq.load(folder, cfg, args[0], dtype=torch.bfloat16, progress=False, shard=args[1])
         stats = getattr(model, "fastq_share", None)
         if stats is not None:
@@ -171,11 +173,12 @@ def main(rank: int, world: int, folder: str, port: str, steps: str) -> None:
         if who == "full":
             print(f"DIGEST {step} {rank} {digest(model)}", flush=True)
         reference = None
-        if who == "share":  # what each rank's shards must be: FSDP's chunks of fastq's full load
+        if who in ("share", "check"):  # what each rank's shards must be: FSDP's chunks of fastq's full load
             reference = fastq.load(folder, cfg, "cpu", dtype=torch.bfloat16, progress=False)
         if who != "stats":
-            losses = train(model, rank, share=who == "share", reference=reference, tag=step)
-            if rank == 0:
+            losses = train(model, rank, share=reference is not None, reference=reference, tag=step,
+                           steps=0 if who == "check" else 6)
+            if rank == 0 and losses:
                 print(f"LOSSES {step} " + " ".join(repr(x) for x in losses), flush=True)
         del model
     dist.destroy_process_group()

@@ -85,7 +85,7 @@ def test_share_mode_trains_like_transformers(tiny_model):
     assert share["shards"] == {s: dict.fromkeys(range(WORLD), "ok") for s in ("share:nf4", "share:dq")}
 
 
-def _checkpoint_facts(folder: str, quant: str) -> dict:
+def _checkpoint_facts(folder: str, quant: str, world: int = WORLD) -> dict:
     """From a one-process full load and the checkpoint: the bytes of the quant states (replicated on every
     rank), one row of every tensor (the most a rank's share can exceed an even split by), and the
     elements quantized twice where the two ranks' element ranges split a block."""
@@ -100,8 +100,9 @@ def _checkpoint_facts(folder: str, quant: str) -> dict:
                 qs += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
             n, per_row = math.prod(s.shape), 2 * m.weight.element_size()
             rows = -(-n // per_row)
-            cut = min(-(-rows // WORLD) * per_row, n)  # rank 1's first element
-            overlap += s.blocksize if 0 < cut < n and cut % s.blocksize else 0
+            for k in range(1, world):
+                cut = min(k * -(-rows // world) * per_row, n)  # rank k's first element
+                overlap += s.blocksize if 0 < cut < n and cut % s.blocksize else 0
     ckpt = fastq.open(Path(folder) / "model.safetensors")
     row = sum(ckpt.meta(k).nbytes // max(ckpt.meta(k).shape[0], 1) for k in ckpt)
     return {"qs": qs, "overlap": overlap, "row": row}
@@ -158,3 +159,19 @@ def test_shard_true_needs_a_process_group(tiny_model):
         fastq.load(folder, bnb_config("nf4"), dtype=torch.bfloat16, progress=False, shard=True)
     model = fastq.load(folder, bnb_config("nf4"), dtype=torch.bfloat16, progress=False)
     assert not hasattr(model, "fastq_share")  # no process group: the whole model, as before
+
+
+@pytest.mark.timeout(600)
+def test_share_over_three_ranks_splits_blocks(tiny_model):
+    """Three ranks: the rank boundaries of most 4-bit weights fall inside quantization blocks (both
+    neighbours quantize those), the trailing rank gets fewer rows; the shards are still FSDP's chunks
+    of the full model and the quant states the full ones."""
+    folder = tiny_model("llama")
+    got = _run(folder, "check:dq", world=3)
+    assert got["shards"] == {"check:dq": dict.fromkeys(range(3), "ok")}
+    one = _run(folder, "stats:nf4,stats:dq", world=1)["stats"]["stats:dq"][0]
+    f = _checkpoint_facts(folder, "dq", world=3)
+    assert f["overlap"] > 0
+    three = got["stats"]["check:dq"]
+    assert sum(r["quantized_elements"] for r in three.values()) == one["quantized_elements"] + f["overlap"]
+    assert sum(r["host_bytes"] for r in three.values()) == one["host_bytes"] + 2 * f["qs"]
