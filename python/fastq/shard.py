@@ -199,7 +199,8 @@ def _anonymous(nbytes: int) -> tuple[object, torch.Tensor]:
     does not own are never resident (torch.empty may hand back touched heap memory, zeros touches all)."""
     if nbytes == 0:
         return bytearray(), torch.empty(0, dtype=torch.uint8)
-    mm = mmap.mmap(-1, nbytes)
+    # Private: Python's default for -1 is MAP_SHARED, shared memory (RssShmem, inherited by forks).
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
         mm.madvise(mmap.MADV_NOHUGEPAGE)  # a huge page would make a partly written 2 MiB resident whole
     return mm, torch.frombuffer(mm, dtype=torch.uint8)
