@@ -31,6 +31,11 @@ import torch
 import torch.distributed as dist
 
 
+def emit(line: str) -> None:
+    """One line on stdout in one write (atomic on a pipe below PIPE_BUF): the ranks share the pipe."""
+    os.write(1, (line + "\n").encode())
+
+
 def bnb_config(quant: str):
     import transformers
 
@@ -110,7 +115,7 @@ def train(model, rank: int, share: bool = False, reference=None, tag: str = "", 
         fully_shard(layer)
     fully_shard(model)
     if reference is not None:
-        print(f"SHARDS {tag} {rank} {shards_match(model, reference, rank, dist.get_world_size())}", flush=True)
+        emit(f"SHARDS {tag} {rank} {shards_match(model, reference, rank, dist.get_world_size())}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = _ids(rank)
     losses = []
@@ -131,10 +136,10 @@ def _int8(folder: str, rank: int) -> None:
 
     try:
         fastq.load(folder, bnb_config("int8"), dtype=torch.bfloat16, progress=False)
-        print(f"INT8 fastq {rank} loaded", flush=True)
+        emit(f"INT8 fastq {rank} loaded")
     except fastq.ConfigError as e:
-        print(f"INT8 fastq {rank} ConfigError {'bnb_4bit_quant_storage' in str(e) and 'shard=False' in str(e)}",
-              flush=True)
+        named = "bnb_4bit_quant_storage" in str(e) and "shard=False" in str(e)
+        emit(f"INT8 fastq {rank} ConfigError {named}")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config("int8"),
                                                               device_map="cpu", dtype=torch.bfloat16)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
@@ -143,9 +148,9 @@ def _int8(folder: str, rank: int) -> None:
     fully_shard(model)
     try:
         model(input_ids=_ids(rank), labels=_ids(rank)).loss.backward()
-        print(f"INT8 transformers {rank} trains", flush=True)
+        emit(f"INT8 transformers {rank} trains")
     except AttributeError as e:
-        print(f"INT8 transformers {rank} AttributeError {e}", flush=True)
+        emit(f"INT8 transformers {rank} AttributeError {e}")
 
 
 def main(rank: int, world: int, folder: str, port: str, steps: str) -> None:
@@ -169,9 +174,9 @@ def main(rank: int, world: int, folder: str, port: str, steps: str) -> None:
             model = fastq.load(folder, cfg, args[0], dtype=torch.bfloat16, progress=False, shard=args[1])
         stats = getattr(model, "fastq_share", None)
         if stats is not None:
-            print(f"STATS {step} {rank} {json.dumps(dataclasses.asdict(stats))}", flush=True)
+            emit(f"STATS {step} {rank} {json.dumps(dataclasses.asdict(stats))}")
         if who == "full":
-            print(f"DIGEST {step} {rank} {digest(model)}", flush=True)
+            emit(f"DIGEST {step} {rank} {digest(model)}")
         reference = None
         if who in ("share", "check"):  # what each rank's shards must be: FSDP's chunks of fastq's full load
             reference = fastq.load(folder, cfg, "cpu", dtype=torch.bfloat16, progress=False)
@@ -179,7 +184,7 @@ def main(rank: int, world: int, folder: str, port: str, steps: str) -> None:
             losses = train(model, rank, share=reference is not None, reference=reference, tag=step,
                            steps=0 if who == "check" else 6)
             if rank == 0 and losses:
-                print(f"LOSSES {step} " + " ".join(repr(x) for x in losses), flush=True)
+                emit(f"LOSSES {step} " + " ".join(repr(x) for x in losses))
         del model
     dist.destroy_process_group()
 

@@ -165,7 +165,7 @@ pub fn quantize_nested(
     absmax: PyBuffer<u8>,
     threads: Option<usize>,
 ) -> PyResult<(Buffer, Buffer, f32)> {
-    if absmax.len_bytes() % 4 != 0 {
+    if !absmax.len_bytes().is_multiple_of(4) {
         return Err(Error::InvalidArgument(format!(
             "the absmax must be float32 bytes; {} bytes is not a multiple of 4",
             absmax.len_bytes()
