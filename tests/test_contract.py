@@ -79,3 +79,17 @@ def _imports_of_private_names(path: Path):
 def test_no_module_imports_another_modules_private_names():
     found = {p.name: list(_imports_of_private_names(p)) for p in PKG.glob("*.py")}
     assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_quantize_nested_is_the_whole_tensor_double_quant():
+    """The FSDP share double-quantizes a gathered absmax with _fastq.quantize_nested: byte for byte the
+    nested statistics of the whole tensor's quantize_4bit."""
+    x = torch.randn(70_000, generator=torch.Generator().manual_seed(2))
+    data = x.numpy().tobytes()
+    plain = _fastq.quantize_4bit(data, "F32", [70_000], "nf4", 64, False)
+    nested = _fastq.quantize_4bit(data, "F32", [70_000], "nf4", 64, True)
+    codes, absmax2, offset = _fastq.quantize_nested(memoryview(plain.absmax).cast("B"))
+    assert bytes(codes) == bytes(nested.nested_codes) and bytes(absmax2) == bytes(nested.nested_absmax)
+    assert offset == nested.offset
+    with pytest.raises(fastq.InvalidArgumentError):
+        _fastq.quantize_nested(b"abc")

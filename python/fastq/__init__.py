@@ -29,6 +29,7 @@ from .errors import (
     MissingFileError,
     NonFiniteError,
     OutputExistsError,
+    PartialShareError,
     QuantStateError,
     ShapeError,
     TruncatedShardError,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from .convert import convert
     from .loader import load, load_and_quantize_model
     from .save import save
+    from .shard import ShareStats
 
 __all__ = [
     "SPEC_INT8",
@@ -60,9 +62,11 @@ __all__ = [
     "MissingFileError",
     "NonFiniteError",
     "OutputExistsError",
+    "PartialShareError",
     "QuantConfig",
     "QuantStateError",
     "ShapeError",
+    "ShareStats",
     "Spec4bit",
     "TensorMeta",
     "TruncatedShardError",
@@ -86,6 +90,7 @@ _LAZY = {
     "TensorMeta": "checkpoint",
     "open": "checkpoint",
     "QuantConfig": "config",
+    "ShareStats": "shard",
     "convert": "convert",
     "load": "loader",
     "load_and_quantize_model": "loader",

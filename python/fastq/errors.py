@@ -17,6 +17,7 @@ __all__ = [
     "MissingFileError",
     "NonFiniteError",
     "OutputExistsError",
+    "PartialShareError",
     "QuantStateError",
     "ShapeError",
     "TruncatedShardError",
@@ -88,6 +89,11 @@ class ConfigFileError(ConfigError):
 
 class OutputExistsError(FastqError, FileExistsError):
     """The destination exists and ``overwrite`` was not asked for."""
+
+
+class PartialShareError(FastqError, RuntimeError):
+    """A model loaded with its FSDP share (``fastq.load(..., shard=...)``) run before ``fully_shard``
+    replaced its parameters: each holds only this rank's rows."""
 
 
 class ConversionLockedError(FastqError, BlockingIOError):

@@ -9,6 +9,7 @@ its file:
 4. placement.py: the fill. On the host the Rust pipeline quantizes on all cores while this thread places
    the unquantized tensors, then installs each packed result as it arrives (install.py) - nothing is
    quantized twice; tensors bound for a GPU go through the pinned ring (device_fill.py, transfer.py);
+   under FSDP, shard.py fills only this rank's share;
 5. dispatch.py: tie weights, synchronize, accelerate's hooks for offload, the attributes transformers sets.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import device_map as dmap_mod
+from . import shard as shard_mod
 from . import transfer
 from .checkpoint import Checkpoint
 from .config import QuantConfig
@@ -51,6 +53,7 @@ def load(
     progress: bool = True,
     threads: int | None = None,
     quantize_on: str = "auto",
+    shard: bool | None = None,
 ) -> torch.nn.Module:
     """Loads a checkpoint as a (quantized) model on its devices.
 
@@ -75,12 +78,18 @@ def load(
         quantize_on: where weights bound for a GPU are quantized: "device" (bitsandbytes' CUDA kernels,
             the bytes transformers gives on that GPU), "cpu" (fastq's Rust kernels, then copied), or
             "auto" (the device when it is a GPU). Weights for the CPU are always quantized on the CPU.
+        shard: FSDP share mode (shard.py): each rank loads only the rows FSDP2's ``fully_shard`` gives it,
+            on the CPU. None: on when torch.distributed is initialized with world size > 1 and
+            ``device_map`` is None; True: on (needs a process group); False: a full model on every rank.
 
     Returns:
         The model, in eval mode, with bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers.
     """
     if quantize_on not in ("auto", "cpu", "device"):
         raise ConfigError(f'quantize_on={quantize_on!r}: use "auto", "cpu" or "device"')
+    share = shard_mod.share_of(shard, device_map)
+    if share is not None:
+        device_map = "cpu"  # fully_shard moves each rank's shard to its device
     timeline = transfer.LAST_TIMELINE.reset()
     # A caller's empty model keeps its own dtype unless one is asked for (then every floating tensor is
     # cast to it, as accelerate's load_and_quantize_model casts to torch_dtype).
@@ -89,7 +98,8 @@ def load(
     # A checkpoint read in place on the CPU (pre-quantized or plain) is made resident in the background,
     # with the GIL released, while the model skeleton is built below.
     cpu_only = dmap_mod.cpu_only(device_map)
-    prefetch = start_prefetch(ckpt, threads) if (inputs.prequantized or qcfg is None) and cpu_only else None
+    in_place = (inputs.prequantized or qcfg is None) and cpu_only and share is None  # a share is read by rows
+    prefetch = start_prefetch(ckpt, threads) if in_place else None
     warm = None
     if not cpu_only and torch.cuda.is_available():
         transfer.prefetch_ring()  # pinning the ring overlaps building the skeleton
@@ -126,9 +136,12 @@ def load(
     if prefetch is not None:
         prefetch.join()
     timeline.mark("plan")
-    offload_index = fill(
-        model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads, prefetch is not None, quantize_on != "cpu"
-    )
+    if share is not None:
+        offload_index = shard_mod.fill(model, ckpt, plan, qcfg, share, progress, threads)
+    else:
+        offload_index = fill(
+            model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads, prefetch is not None, quantize_on != "cpu"
+        )
     timeline.mark("fill")
     if warm is not None:
         warm.join()

@@ -10,7 +10,7 @@ from . import _fastq
 from .dtypes import torch_dtype
 from .errors import ShapeError
 
-__all__ = ["int8_from_result", "quant_state_from_result", "raw_bytes", "wrap"]
+__all__ = ["int8_from_result", "quant_state", "quant_state_from_result", "raw_bytes", "wrap"]
 
 
 def wrap(buf, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -52,8 +52,6 @@ def quant_state_from_result(res: _fastq.Packed4bit, device=None, quant_storage: 
     Returns:
         ``(packed, state)`` as ``bitsandbytes.functional.quantize_4bit`` returns them.
     """
-    from bitsandbytes.functional import QuantState
-
     device = torch.device(device or "cpu")
     nbytes = len(res.codes)
     packed = wrap(res.codes, torch.uint8, (nbytes,))
@@ -63,23 +61,47 @@ def quant_state_from_result(res: _fastq.Packed4bit, device=None, quant_storage: 
             raise ShapeError(f"{nbytes} packed bytes cannot be viewed as {quant_storage} ({item} bytes each)")
         packed = packed.view(quant_storage)
     packed = packed.unsqueeze(1).to(device)
-    common = {
-        "shape": torch.Size(res.shape),
-        "dtype": torch_dtype(res.dtype),
-        "blocksize": res.blocksize,
-        "code": _code(res.quant_type, device),
-        "quant_type": res.quant_type,
-    }
-    if res.nested_codes is not None:
-        state2 = QuantState(
-            absmax=_f32(res.nested_absmax).to(device), code=_dynamic_map(device), blocksize=256, dtype=torch.float32
-        )
-        absmax = wrap(res.nested_codes, torch.uint8, (len(res.nested_codes),)).to(device)
-        offset = torch.tensor(res.offset, dtype=torch.float32, device=device)
-        state = QuantState(absmax=absmax, offset=offset, state2=state2, **common)
-    else:
-        state = QuantState(absmax=_f32(res.absmax).to(device), **common)
+    nested = None if res.nested_codes is None else (res.nested_codes, res.nested_absmax, res.offset)
+    absmax = None if res.absmax is None else _f32(res.absmax)
+    state = quant_state(res.shape, torch_dtype(res.dtype), res.blocksize, res.quant_type, absmax, nested, device)
     return packed, state
+
+
+def quant_state(shape, dtype: torch.dtype, blocksize: int, quant_type: str, absmax: torch.Tensor | None,
+                nested: tuple | None = None, device=None):
+    """bitsandbytes' ``QuantState`` of a 4-bit weight from its statistics.
+
+    Args:
+        shape: the weight's shape.
+        dtype: the dtype it was quantized from (and dequantizes to).
+        blocksize: its 4-bit blocksize.
+        quant_type: "nf4" or "fp4".
+        absmax: the float32 absmax per block (None with ``nested``).
+        nested: double quant's ``(codes, absmax per 256 codes, offset)`` (Rust buffers and a float, as
+            ``Packed4bit`` and ``_fastq.quantize_nested`` give them), or None.
+        device: where the tensors go (default: the CPU).
+
+    Returns:
+        The ``QuantState`` (nested: its ``state2`` over the dynamic map, blocksize 256).
+    """
+    from bitsandbytes.functional import QuantState
+
+    device = torch.device(device or "cpu")
+    common = {
+        "shape": torch.Size(shape),
+        "dtype": dtype,
+        "blocksize": blocksize,
+        "code": _code(quant_type, device),
+        "quant_type": quant_type,
+    }
+    if nested is not None:
+        codes, absmax2, offset = nested
+        state2 = QuantState(absmax=_f32(absmax2).to(device), code=_dynamic_map(device), blocksize=256,
+                            dtype=torch.float32)
+        codes = wrap(codes, torch.uint8, (len(codes),)).to(device)
+        offset = torch.tensor(offset, dtype=torch.float32, device=device)
+        return QuantState(absmax=codes, offset=offset, state2=state2, **common)
+    return QuantState(absmax=absmax.to(device), **common)
 
 
 def int8_from_result(res: _fastq.PackedInt8, device=None):

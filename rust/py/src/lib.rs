@@ -43,6 +43,7 @@ fn _fastq(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ops::quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(ops::quantize_int8, m)?)?;
     m.add_function(wrap_pyfunction!(ops::quantize_nested_blockwise, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::quantize_nested, m)?)?;
     m.add_function(wrap_pyfunction!(ops::kernel_name, m)?)?;
     m.add_function(wrap_pyfunction!(ops::thread_count, m)?)?;
     m.add_function(wrap_pyfunction!(ops::dynamic_map, m)?)?;

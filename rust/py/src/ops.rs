@@ -153,3 +153,35 @@ pub fn quantize_nested_blockwise(py: Python<'_>, data: PyBuffer<u8>) -> PyResult
     })?;
     Ok((Buffer::from_bytes(codes), Buffer::from_f32(absmax)))
 }
+
+/// `quantize_nested(absmax, threads=None) -> (codes, absmax2, offset)`: bitsandbytes' double
+/// quantization of one 4-bit tensor's float32 absmax (`compress_statistics=True`): the mean offset,
+/// then 8-bit codes per block against the signed dynamic map with one float32 absmax per 256 codes,
+/// rounded as the CUDA kernel does (the statistics the whole-tensor path writes, byte for byte).
+#[pyfunction]
+#[pyo3(signature = (absmax, threads=None))]
+pub fn quantize_nested(
+    py: Python<'_>,
+    absmax: PyBuffer<u8>,
+    threads: Option<usize>,
+) -> PyResult<(Buffer, Buffer, f32)> {
+    if !absmax.len_bytes().is_multiple_of(4) {
+        return Err(Error::InvalidArgument(format!(
+            "the absmax must be float32 bytes; {} bytes is not a multiple of 4",
+            absmax.len_bytes()
+        )))
+        .py_err();
+    }
+    let nested = with_bytes(py, &absmax, threads, |b| {
+        let x: Vec<f32> = b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(quant::double::quantize_nested(&x))
+    })?;
+    Ok((
+        Buffer::from_bytes(nested.codes),
+        Buffer::from_f32(nested.absmax),
+        nested.offset,
+    ))
+}
