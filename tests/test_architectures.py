@@ -198,14 +198,19 @@ MATRIX = {
 }
 
 
-@pytest.mark.parametrize("family", list(MATRIX))
-def test_family_matrix_loads_like_transformers(tmp_path, family):
+def matrix_model(family: str) -> torch.nn.Module:
+    """A seeded tiny ``family`` of ``MATRIX`` (the test skips where transformers lacks the class)."""
     cfg_name, cls_name, extra = MATRIX[family]
     cfg_cls, model_cls = getattr(transformers, cfg_name, None), getattr(transformers, cls_name, None)
     if cfg_cls is None or model_cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
     torch.manual_seed(0)
-    model = model_cls(cfg_cls(**{**BASE, **extra}))
+    return model_cls(cfg_cls(**{**BASE, **extra}))
+
+
+@pytest.mark.parametrize("family", list(MATRIX))
+def test_family_matrix_loads_like_transformers(tmp_path, family):
+    model = matrix_model(family)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

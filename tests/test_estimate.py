@@ -18,7 +18,7 @@ from fastq import _fastq
 from fastq.config import QuantConfig
 from fastq.estimate import FAMILIES, estimate_from_headers, uncovered
 from fastq.inspect import ESTIMATES, _fast_estimate, estimate_bytes, inspect_checkpoint
-from test_architectures import BASE, MATRIX, save_family
+from test_architectures import MATRIX, matrix_model, save_family
 
 #: test_architectures.py's families the rule covers (the MoE ones take the exact path, checked below).
 MATRIX_COVERED = [f for f in MATRIX if MATRIX[f][2].get("num_experts") is None and "moe" not in f]
@@ -26,12 +26,7 @@ MATRIX_COVERED = [f for f in MATRIX if MATRIX[f][2].get("num_experts") is None a
 
 def _save_matrix(tmp_path_factory, family: str) -> str:
     """A tiny ``family`` of test_architectures.MATRIX, built and saved as test_family_matrix does."""
-    cfg_name, cls_name, extra = MATRIX[family]
-    cfg_cls, model_cls = getattr(transformers, cfg_name, None), getattr(transformers, cls_name, None)
-    if cfg_cls is None or model_cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
-    torch.manual_seed(0)
-    model = model_cls(cfg_cls(**{**BASE, **extra}))
+    model = matrix_model(family)
     folder = tmp_path_factory.mktemp(family)
     model.to(torch.bfloat16).save_pretrained(folder)
     return str(folder)

@@ -141,15 +141,18 @@ pub fn code_4bit(quant_type: &str) -> PyResult<Vec<f32>> {
     Ok(QuantType::parse(quant_type).py_err()?.code().to_vec())
 }
 
+/// Little-endian float32 values of `b` (a trailing partial value is dropped).
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// The nested 8-bit step alone (CUDA rounding): float32 bytes in, (codes, absmax per 256) out.
 #[pyfunction]
 pub fn quantize_nested_blockwise(py: Python<'_>, data: PyBuffer<u8>) -> PyResult<(Buffer, Buffer)> {
     let (codes, absmax) = with_bytes(py, &data, Some(1), |b| {
-        let x: Vec<f32> = b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Ok(quant::double::quantize_blockwise_dynamic(&x))
+        Ok(quant::double::quantize_blockwise_dynamic(&f32s(b)))
     })?;
     Ok((Buffer::from_bytes(codes), Buffer::from_f32(absmax)))
 }
@@ -173,11 +176,7 @@ pub fn quantize_nested(
         .py_err();
     }
     let nested = with_bytes(py, &absmax, threads, |b| {
-        let x: Vec<f32> = b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Ok(quant::double::quantize_nested(&x))
+        Ok(quant::double::quantize_nested(&f32s(b)))
     })?;
     Ok((
         Buffer::from_bytes(nested.codes),
