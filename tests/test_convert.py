@@ -473,6 +473,27 @@ def test_existing_destination(tiny_model, tmp_path):
         fastq.convert(dst, tmp_path / "again", bnb("nf4"), progress=False)
 
 
+def test_two_conversions_into_one_destination(tiny_model, tmp_path):
+    # Another process holds the destination's temporary folder (as a running conversion does): a second
+    # conversion stops at once with ConversionLockedError, writes nothing and leaves the other's folder;
+    # once the other is gone it runs. The child says when it holds the lock: no timing involved.
+    src, dst = tiny_model("llama"), tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from fastq.atomic import lock_temp_folder; "
+         "lock = lock_temp_folder(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(dst)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(fastq.ConversionLockedError, match="another conversion"):
+            fastq.convert(src, dst, bnb("nf4"), progress=False)
+        assert not dst.exists() and temp_folder(dst).is_dir()  # the other conversion's folder stays
+    finally:
+        holder.communicate("", timeout=60)
+    fastq.convert(src, dst, bnb("nf4"), progress=False)
+    assert (dst / "model.safetensors").exists() and not temp_folder(dst).exists()
+
+
 # -- bad input: a clear fastq error, no output -------------------------------------------------------
 
 
