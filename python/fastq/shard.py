@@ -22,8 +22,8 @@ never touched, so never resident, and ``fully_shard`` copies exactly the written
 - LLM.int8 is refused: ``fully_shard`` replaces ``Int8Params`` by a plain parameter without ``CB`` and
   ``SCB``, and the first forward fails (bitsandbytes issue #1709; tests/test_fsdp.py shows it).
 
-A model loaded this way refuses to run (a forward pre-hook) until ``fully_shard`` replaced every partial
-parameter. ``model.fastq_share`` (``ShareStats``) counts what this rank read, wrote and quantized.
+A model loaded this way refuses to run (a forward pre-hook) and ``state_dict()`` (a state-dict pre-hook:
+no partial model is saved) until ``fully_shard`` replaced every partial parameter. ``model.fastq_share`` (``ShareStats``) counts what this rank read, wrote and quantized.
 """
 
 from __future__ import annotations
@@ -421,18 +421,27 @@ def _held_bytes(model, e: Entry) -> int:
 
 
 def _guard(model, share: Share, partial: weakref.WeakValueDictionary) -> None:
-    """A forward pre-hook that refuses to run while a parameter still holds only this rank's rows:
-    ``fully_shard`` replaces each by its sharded copy; once none is left the hook removes itself."""
+    """Hooks on the root that refuse a forward (a forward pre-hook) and ``state_dict()`` (a state-dict
+    pre-hook, so that a partial model is never saved, by ``save_pretrained`` or otherwise) while a
+    parameter still holds only this rank's rows: ``fully_shard`` replaces each by its sharded copy; once
+    none is left both hooks remove themselves. Neither ``peft.get_peft_model`` nor ``fully_shard`` calls
+    ``state_dict()`` (tests/fsdp_worker.py wraps a share model in both)."""
     from torch.distributed.fsdp import FSDPModule
 
-    def check(module, args):
+    def refuse(module, what: str) -> None:
         if isinstance(module, FSDPModule) or not any(partial.get(id(p)) is p for p in module.parameters()):
-            handle.remove()
+            for h in handles:
+                h.remove()
             return
         raise PartialShareError(
-            f"this model holds only rank {share.rank} of {share.world}'s share of each weight: wrap it with "
-            "torch.distributed.fsdp.fully_shard (each decoder layer, then the root) before use, or load with "
-            "shard=False"
+            f"{what}: this model holds only rank {share.rank} of {share.world}'s share of each weight: wrap it "
+            "with torch.distributed.fsdp.fully_shard (each decoder layer, then the root) before use, or load "
+            "with shard=False"
         )
 
-    handle = model.register_forward_pre_hook(check)
+    handles = [
+        model.register_forward_pre_hook(lambda module, args: refuse(module, "forward refused")),
+        model.register_state_dict_pre_hook(
+            lambda module, prefix, keep_vars: refuse(module, "state_dict() refused (a partial model cannot be "
+                                                     "saved)")),
+    ]
