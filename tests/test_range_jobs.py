@@ -54,7 +54,7 @@ def test_range_job_equals_bnb_on_the_slice(weights, dtype, quant_type, storage):
 
 def test_cast_range_job_equals_bnb_on_the_cast_slice(weights):
     """A cast job (transformers casts a weight to the model's dtype first) casts, then takes the range."""
-    path, n = weights
+    path, _ = weights
     ck = fastq.open(path)
     job = _fastq.Job.four_bit("w.float32", "nf4", 64, double_quant=False, cast="BF16", range=(64 * 40, 64 * 900))
     [(_, (packed, state))] = list(ck.quantize([job]))
