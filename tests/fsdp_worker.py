@@ -7,8 +7,8 @@ Each step is ``WHO:QUANT`` (QUANT: ``nf4``, or ``dq`` for NF4 with double quant;
 
 - ``tf``: transformers' ``from_pretrained`` (device_map="cpu"), trained;
 - ``fq``: ``fastq.load(..., "cpu")`` (a device map: a full copy per rank), trained;
-- ``share``: ``fastq.load`` with no device map (the FSDP share mode), its forward guard tried before
-  ``fully_shard``, its shards compared with FSDP's chunks of a full fastq load (``SHARDS``), trained;
+- ``share``: ``fastq.load`` with no device map (the FSDP share mode), its forward and ``state_dict()``
+  guards tried before ``fully_shard`` (and ``state_dict()`` after), its shards compared with FSDP's chunks of a full fastq load (``SHARDS``), trained;
   prints the rank's ``fastq_share`` counters;
 - ``full``: ``fastq.load(..., shard=False)``, its digest printed, trained;
 - ``check``: ``share`` without the training;
@@ -61,14 +61,20 @@ def _ids(rank: int) -> torch.Tensor:
     return torch.arange(16).repeat(2, 1) % 8 + 3 + rank  # a pattern the adapters can learn; one per rank
 
 
-def _forward_refused(model, rank: int) -> bool:
+def _refused(model, rank: int) -> bool:
+    """Whether the forward and ``state_dict()`` both raise PartialShareError naming the rank and the fix."""
     import fastq
 
-    try:
-        model(input_ids=_ids(rank))
-    except fastq.PartialShareError as e:
-        return f"rank {rank} of {dist.get_world_size()}'s share" in str(e) and "fully_shard" in str(e)
-    return False
+    def refuses(call, what: str) -> bool:
+        try:
+            call()
+        except fastq.PartialShareError as e:
+            return what in str(e) and f"rank {rank} of {dist.get_world_size()}'s share" in str(e) and \
+                "fully_shard" in str(e)
+        return False
+
+    return refuses(lambda: model(input_ids=_ids(rank)), "forward refused") and refuses(
+        model.state_dict, "state_dict() refused")
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -109,11 +115,13 @@ def train(model, rank: int, share: bool = False, reference=None, tag: str = "", 
 
     torch.manual_seed(0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    if share and not _forward_refused(model, rank):
-        raise AssertionError("the share's forward ran before fully_shard")
+    if share and not _refused(model, rank):
+        raise AssertionError("the share's forward or state_dict() ran before fully_shard")
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    if share:
+        model.state_dict()  # allowed once fully_shard replaced every partial parameter
     if reference is not None:
         emit(f"SHARDS {tag} {rank} {shards_match(model, reference, rank, dist.get_world_size())}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

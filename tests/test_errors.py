@@ -26,6 +26,7 @@ EXPECTED = {
     "UnknownDtype": ("UnsupportedDtypeError", TypeError),
     "NonFinite": ("NonFiniteError", ValueError),
     "BadShape": ("ShapeError", ValueError),
+    "BadRange": ("ShapeError", ValueError),
     "InvalidArgument": ("InvalidArgumentError", ValueError),
     "Cancelled": ("CancelledError", Exception),
     "Internal": ("InternalError", RuntimeError),

@@ -4,7 +4,7 @@ packed weights flatten with the others) in ``fully_shard`` and train LoRA adapte
 A fastq-loaded model gives the losses of the transformers-loaded one, step for step, whether every rank
 loads it whole (a device map, or ``shard=False``) or only its share (no device map under a process
 group: shard.py); the share's shards are FSDP's chunks of the full model, its counters about half of a
-one-process load's, and its forward refuses to run before ``fully_shard``."""
+one-process load's, and its forward and ``state_dict()`` refuse to run before ``fully_shard``."""
 
 from __future__ import annotations
 
@@ -132,8 +132,9 @@ def test_share_counters_are_half_of_one_process(tiny_model, quant):
 
 @pytest.mark.timeout(600)
 def test_share_forward_is_refused_before_fully_shard_and_full_copy_with_shard_false(tiny_model):
-    """The worker's share steps raise AssertionError unless the forward before fully_shard raised
-    PartialShareError naming the rank and the fix; shard=False gives every rank the whole model."""
+    """The worker's share steps raise AssertionError unless the forward and state_dict() (after
+    get_peft_model, before fully_shard) raised PartialShareError naming the rank and the fix, and
+    state_dict() runs after fully_shard; shard=False gives every rank the whole model."""
     folder = tiny_model("llama")
     share = _share(folder)
     assert set(share["losses"]) >= {"share:nf4", "share:dq", "full:dq"}

@@ -134,11 +134,19 @@ class Checkpoint:
         Each job is ``(name, spec)``, ``(name, spec, transpose)`` or ``(name, spec, transpose, cast)``;
         ``transpose`` quantizes the transpose of a 2-D weight (GPT-2's ``Conv1D``), ``cast`` (a torch
         float dtype) converts the weight before quantizing it, as transformers does when the model's
-        dtype is not the checkpoint's. ``result`` is ``(packed, QuantState)`` for a ``Spec4bit``
-        job and ``(CB, SCB)`` for ``"int8"``.
+        dtype is not the checkpoint's. A job may also be a ``_fastq.Job`` (for what the tuples do not
+        say: ``Job.four_bit(..., range=(start, end))`` quantizes only those elements of the flattened
+        weight, FSDP's share); its packed bytes are viewed as its ``storage``. ``result`` is
+        ``(packed, QuantState)`` for a 4-bit job (a range's ``QuantState`` has the range's 1-D shape)
+        and ``(CB, SCB)`` for int8.
         """
         raw, storage = [], {}
         for job in jobs:
+            if isinstance(job, _fastq.Job):
+                raw.append(job)
+                if job.kind == "4bit":
+                    storage[job.name] = ST_TO_TORCH[job.storage]
+                continue
             name, spec = job[0], job[1]
             transpose = bool(job[2]) if len(job) > 2 else False
             cast = float_input_name(job[3]) if len(job) > 3 and job[3] is not None else None

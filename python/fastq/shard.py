@@ -11,8 +11,9 @@ never touched, so never resident, and ``fully_shard`` copies exactly the written
 
 - Plain parameters: the rank's rows are read by the Rust readers (and cast if the plan says so).
 - 4-bit weights: the rank's rows of the packed ``[R, 1]`` tensor are a contiguous element range of the
-  flattened weight; it is widened to whole quantization blocks, read, quantized by fastq's kernels and
-  only the rank's packed bytes are written. Every rank contributes the absmax of the blocks that start
+  flattened weight; it is widened to whole quantization blocks and read and quantized by the Rust
+  pipeline (one range job per weight, ``Job.four_bit(..., range=...)``, all submitted at once), and only
+  the rank's packed bytes are written. Every rank contributes the absmax of the blocks that start
   in its range; one ``all_gather`` (batched) gives each rank every weight's full absmax, which each rank
   double-quantizes itself (deterministic, so identical everywhere). The ``QuantState`` is full on every
   rank: FSDP does not shard it, and ``Linear4bit`` reads ``module.quant_state``.
@@ -21,8 +22,8 @@ never touched, so never resident, and ``fully_shard`` copies exactly the written
 - LLM.int8 is refused: ``fully_shard`` replaces ``Int8Params`` by a plain parameter without ``CB`` and
   ``SCB``, and the first forward fails (bitsandbytes issue #1709; tests/test_fsdp.py shows it).
 
-A model loaded this way refuses to run (a forward pre-hook) until ``fully_shard`` replaced every partial
-parameter. ``model.fastq_share`` (``ShareStats``) counts what this rank read, wrote and quantized.
+A model loaded this way refuses to run (a forward pre-hook) and ``state_dict()`` (a state-dict pre-hook:
+no partial model is saved) until ``fully_shard`` replaced every partial parameter. ``model.fastq_share`` (``ShareStats``) counts what this rank read, wrote and quantized.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _fastq
+from .dtypes import float_input_name
 from .errors import ConfigError, PartialShareError, ShapeError
 from .install import get_submodule, set_4bit, set_plain
 from .placement import fill as fill_whole
@@ -151,14 +153,16 @@ def fill(model, ckpt, plan: Plan, qcfg, share: Share, progress: bool, threads) -
                     counts.quantized += math.prod(ckpt.meta(e.source).shape)
                 bar.update(e.nbytes // share.world)
         partial: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        spec = qcfg.spec if qcfg else None
+        # The 4-bit weights' pipeline starts first: the plain rows are read while it quantizes.
+        made, pending, results = _start_4bit(ckpt, fourbit, spec, share, threads, bar)
         reader = _fastq.Reader(ckpt.native, threads)
         for e in rows:
             p = _fill_rows(model, ckpt, reader, e, share, counts)
             partial[id(p)] = p
             bar.update(e.nbytes // share.world)
-        for p in _fill_4bit(model, ckpt, reader, fourbit, qcfg.spec if qcfg else None, share, counts, threads):
+        for p in _finish_4bit(model, made, pending, results, spec, share, counts, threads, bar):
             partial[id(p)] = p
-        bar.update(sum(e.nbytes for e in fourbit) // share.world)
     finally:
         bar.close()
     if share.world > 1:
@@ -251,14 +255,36 @@ def _elements(share: Share, rows: int, per_row: int, n: int, rank: int) -> tuple
     return min(r0 * per_row, n), min(r1 * per_row, n)
 
 
-def _fill_4bit(model, ckpt, reader, entries: list[Entry], spec, share: Share, counts: _Counts, threads) -> list:
-    """Quantizes this rank's rows of every 4-bit weight, gathers the absmax, installs each weight."""
-    from .ops import quantize_4bit
+@dataclass
+class _Range:
+    """One range job's place: the weight, its packed bytes, its rows and its element ranges."""
 
+    weight: _Weight4
+    raw: torch.Tensor  # the packed bytes as uint8, over the anonymous mapping
+    rows: tuple[int, int]  # this rank's rows of the packed [R, 1] tensor
+    elements: tuple[int, int]  # the flattened weight's elements those rows hold
+    blocks: tuple[int, int]  # the elements quantized: ``elements`` widened to whole blocks
+    item: int  # bytes per element of the checkpoint tensor
+
+
+def _start_4bit(ckpt, entries: list[Entry], spec, share: Share, threads, bar) -> tuple[list, list, object]:
+    """Sizes every 4-bit weight's packed tensor and starts the Rust pipeline on this rank's range of each.
+
+    The rank's element range of a weight, widened to whole blocks, is one range job
+    (``Job.four_bit(..., range=...)``); all of them go to the pipeline at once (reads and quantization
+    overlapped on every core; ``_finish_4bit`` consumes the results as they come).
+
+    Returns:
+        ``(weights, ranges, results)``: every ``_Weight4``, the ``_Range`` of each job in job order, and
+        the results' iterator (``Checkpoint.quantize``'s).
+
+    Raises:
+        ShapeError: a weight whose packed bytes cannot be viewed as the quant storage dtype.
+    """
     if not entries:
-        return []
+        return [], [], iter(())
     bs, item = spec.blocksize, spec.quant_storage.itemsize
-    made = []
+    made, jobs, pending = [], [], []
     for e in entries:
         meta = ckpt.meta(e.source)
         n, src_dtype = math.prod(meta.shape), meta.torch_dtype
@@ -269,28 +295,48 @@ def _fill_4bit(model, ckpt, reader, entries: list[Entry], spec, share: Share, co
             err.path, err.tensor = meta.file, meta.name
             raise err
         rows, per_row = nbytes // item, 2 * item
-        r0, r1 = share.rows(rows)
         e0, e1 = _elements(share, rows, per_row, n, share.rank)
         _, raw = _anonymous(nbytes)
-        own = torch.empty(0, dtype=torch.float32)
-        if e1 > e0:
-            q0, q1 = e0 // bs * bs, min(-(-e1 // bs) * bs, n)  # widened to whole blocks
-            tmp = torch.empty((q1 - q0) * src_dtype.itemsize, dtype=torch.uint8)
-            _read(reader, e.source, q0 * src_dtype.itemsize, tmp.numel(), tmp.numpy())
-            x = tmp.view(src_dtype)
-            if e.dtype is not None:
-                x = x.to(e.dtype)
-            sub, st = quantize_4bit(x, bs, spec.quant_type, compress_statistics=False, threads=threads)
-            skip = q0 // 2  # packed bytes before this rank's first block
-            raw[r0 * item : r1 * item] = sub.view(-1)[r0 * item - skip : r1 * item - skip]
-            own = st.absmax[-(-e0 // bs) - q0 // bs : -(-e1 // bs) - q0 // bs].clone()
-            counts.read += tmp.numel()
-            counts.host += (r1 - r0) * item
-            counts.quantized += q1 - q0
         per_rank = [-(-b // bs) - -(-a // bs) for a, b in
                     (_elements(share, rows, per_row, n, k) for k in range(share.world))]
         packed = raw.view(spec.quant_storage).view(rows, 1)
-        made.append(_Weight4(e, meta.shape, e.dtype or src_dtype, packed, own, per_rank))
+        w = _Weight4(e, meta.shape, e.dtype or src_dtype, packed, torch.empty(0, dtype=torch.float32), per_rank)
+        made.append(w)
+        if e1 > e0:
+            q0, q1 = e0 // bs * bs, min(-(-e1 // bs) * bs, n)  # widened to whole blocks
+            cast = float_input_name(e.dtype) if e.dtype not in (None, src_dtype) else None
+            jobs.append(_fastq.Job.four_bit(e.source, spec.quant_type, bs, double_quant=False, cast=cast,
+                                            range=(q0, q1)))
+            pending.append(_Range(w, raw, share.rows(rows), (e0, e1), (q0, q1), src_dtype.itemsize))
+        else:
+            bar.update(e.nbytes // share.world)
+    return made, pending, ckpt.quantize(jobs, threads=threads)
+
+
+def _finish_4bit(model, made: list, pending: list, results, spec, share: Share, counts: _Counts, threads,
+                 bar) -> list:
+    """Writes this rank's packed rows of every range result as it comes, gathers the absmax, installs
+    each weight (full ``QuantState``, double-quantized here when the config asks).
+
+    Returns:
+        The installed (partial) weights.
+    """
+    if not made:
+        return []
+    bs, item = spec.blocksize, spec.quant_storage.itemsize
+    for r, (_, (sub, st)) in zip(pending, results, strict=True):
+        (r0, r1), (e0, e1), (q0, q1) = r.rows, r.elements, r.blocks
+        # Copied with numpy, on this thread: a torch copy would start its OpenMP team while the pipeline's
+        # rayon workers hold every core, and oversubscribed OpenMP spins (on 2 cores the copies took
+        # 1.1 s for the 0.5 GiB model of benches/bench_share_load.py, against 0.09 s this way).
+        skip = q0 // 2  # packed bytes before this rank's first block
+        r.raw.numpy()[r0 * item : r1 * item] = sub.view(-1).view(torch.uint8).numpy()[r0 * item - skip :
+                                                                                       r1 * item - skip]
+        r.weight.own = torch.from_numpy(st.absmax.numpy()[-(-e0 // bs) - q0 // bs : -(-e1 // bs) - q0 // bs].copy())
+        counts.read += (q1 - q0) * r.item
+        counts.host += (r1 - r0) * item
+        counts.quantized += q1 - q0
+        bar.update(r.weight.entry.nbytes // share.world)
     out = []
     for group in _batches(made):
         for w, absmax in zip(group, _gather(group, share)):
@@ -375,18 +421,27 @@ def _held_bytes(model, e: Entry) -> int:
 
 
 def _guard(model, share: Share, partial: weakref.WeakValueDictionary) -> None:
-    """A forward pre-hook that refuses to run while a parameter still holds only this rank's rows:
-    ``fully_shard`` replaces each by its sharded copy; once none is left the hook removes itself."""
+    """Hooks on the root that refuse a forward (a forward pre-hook) and ``state_dict()`` (a state-dict
+    pre-hook, so that a partial model is never saved, by ``save_pretrained`` or otherwise) while a
+    parameter still holds only this rank's rows: ``fully_shard`` replaces each by its sharded copy; once
+    none is left both hooks remove themselves. Neither ``peft.get_peft_model`` nor ``fully_shard`` calls
+    ``state_dict()`` (tests/fsdp_worker.py wraps a share model in both)."""
     from torch.distributed.fsdp import FSDPModule
 
-    def check(module, args):
+    def refuse(module, what: str) -> None:
         if isinstance(module, FSDPModule) or not any(partial.get(id(p)) is p for p in module.parameters()):
-            handle.remove()
+            for h in handles:
+                h.remove()
             return
         raise PartialShareError(
-            f"this model holds only rank {share.rank} of {share.world}'s share of each weight: wrap it with "
-            "torch.distributed.fsdp.fully_shard (each decoder layer, then the root) before use, or load with "
-            "shard=False"
+            f"{what}: this model holds only rank {share.rank} of {share.world}'s share of each weight: wrap it "
+            "with torch.distributed.fsdp.fully_shard (each decoder layer, then the root) before use, or load "
+            "with shard=False"
         )
 
-    handle = model.register_forward_pre_hook(check)
+    handles = [
+        model.register_forward_pre_hook(lambda module, args: refuse(module, "forward refused")),
+        model.register_state_dict_pre_hook(
+            lambda module, prefix, keep_vars: refuse(module, "state_dict() refused (a partial model cannot be "
+                                                     "saved)")),
+    ]

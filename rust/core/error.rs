@@ -147,6 +147,20 @@ pub enum Error {
         /// What is wrong with the shape.
         reason: String,
     },
+    /// An element range of a tensor (`Job::range`) that cannot be quantized on its own.
+    #[error("{path}: tensor '{tensor}': element range {start}..{end}: {reason}")]
+    BadRange {
+        /// The shard (empty before the job met its checkpoint).
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The range's first element.
+        start: usize,
+        /// The range's end, as asked.
+        end: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An argument outside what bitsandbytes accepts.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -177,6 +191,7 @@ impl Error {
             Error::UnknownDtype { .. } => "UnknownDtype",
             Error::NonFinite { .. } => "NonFinite",
             Error::BadShape { .. } => "BadShape",
+            Error::BadRange { .. } => "BadRange",
             Error::InvalidArgument(_) => "InvalidArgument",
             Error::Cancelled => "Cancelled",
             Error::Internal(_) => "Internal",
@@ -254,6 +269,13 @@ impl Error {
                 tensor: tensor(),
                 reason: "not 2-D".into(),
             },
+            Error::BadRange {
+                path: path(),
+                tensor: tensor(),
+                start: 32,
+                end: 128,
+                reason: "start is not on a 64-element block boundary".into(),
+            },
             Error::InvalidArgument("blocksize 7".into()),
             Error::Cancelled,
             Error::Internal("a worker panicked".into()),
@@ -297,6 +319,15 @@ impl Error {
             Error::BadShape { reason, .. } => Error::BadShape {
                 path: path.to_path_buf(),
                 tensor: tensor.to_string(),
+                reason,
+            },
+            Error::BadRange {
+                start, end, reason, ..
+            } => Error::BadRange {
+                path: path.to_path_buf(),
+                tensor: tensor.to_string(),
+                start,
+                end,
                 reason,
             },
             Error::UnsupportedDtype { dtype, .. } => Error::UnsupportedDtype {

@@ -2,11 +2,13 @@
 //! and in what dtype its packed bytes are stored. The pipeline (`pipeline.rs`) runs jobs for a load,
 //! the writer (`writer/`) for a conversion; the binding builds them from `fastq._fastq.Job`.
 
+use std::ops::Range;
+
 use crate::cast::Cast;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::pack::{quantize_source, quantize_tensor, Packed, QuantSpec};
+use crate::pack::{quantize_source, quantize_tensor, Packed, QuantSpec, Window};
 use crate::quant::Kernel;
 
 /// One tensor to quantize.
@@ -25,10 +27,16 @@ pub struct Job {
     /// The dtype the packed 4-bit bytes are viewed as (`bnb_4bit_quant_storage`): the writer records it
     /// in the header; a load views the bytes in it. U8 for int8.
     pub storage: Dtype,
+    /// Quantize only elements `start..end` of the flattened tensor (FSDP's share, python/fastq/shard.py:
+    /// a rank's rows of the packed weight): `start` on a block boundary, `end` on one or at or past the
+    /// tensor's end (clipped to it), so that the result is these blocks of the whole tensor's
+    /// quantization. 4-bit without transposition or double quantization only (the caller
+    /// double-quantizes the gathered full absmax). The result's shape is `[end - start]`.
+    pub range: Option<Range<usize>>,
 }
 
 impl Job {
-    /// A job without transposition or cast, stored as U8.
+    /// A job without transposition, cast or range, stored as U8.
     pub fn new(name: impl Into<String>, spec: QuantSpec) -> Self {
         Job {
             name: name.into(),
@@ -36,7 +44,89 @@ impl Job {
             transpose: false,
             cast: None,
             storage: Dtype::U8,
+            range: None,
         }
+    }
+
+    /// Checks what can be checked without the tensor: the spec, and that a range is block-aligned and
+    /// asked of a 4-bit job without transposition or double quantization (`BadRange` naming the
+    /// tensor; `quantize_job` adds the file).
+    pub fn validate(&self) -> Result<()> {
+        self.spec.validate()?;
+        let Some(r) = &self.range else { return Ok(()) };
+        let bad = |reason: String| {
+            Err(Error::BadRange {
+                path: Default::default(),
+                tensor: self.name.clone(),
+                start: r.start,
+                end: r.end,
+                reason,
+            })
+        };
+        let QuantSpec::FourBit {
+            blocksize,
+            double_quant,
+            ..
+        } = self.spec
+        else {
+            return bad("a range is for 4-bit jobs only, not int8".into());
+        };
+        if self.transpose {
+            return bad("a range cannot be taken of a transposed weight".into());
+        }
+        if double_quant {
+            return bad(
+                "a range is quantized without double quantization (double_quant=False): \
+                        double quantization needs the whole tensor's absmax"
+                    .into(),
+            );
+        }
+        if r.start >= r.end {
+            return bad("the range is empty".into());
+        }
+        if !r.start.is_multiple_of(blocksize) {
+            return bad(format!(
+                "start is not on a {blocksize}-element block boundary"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The elements of `t` this job quantizes: all of them, or its range checked against the tensor
+    /// (start inside it, end on a block boundary unless at or past the end, clipped).
+    pub fn elements(&self, t: &TensorInfo) -> Result<Range<usize>> {
+        let n = t.numel();
+        let Some(r) = &self.range else {
+            return Ok(0..n);
+        };
+        self.validate()?;
+        let blocksize = match self.spec {
+            QuantSpec::FourBit { blocksize, .. } => blocksize,
+            QuantSpec::Int8 => unreachable!("validate refuses a range on int8"),
+        };
+        let bad = |reason: String| Error::BadRange {
+            path: Default::default(),
+            tensor: self.name.clone(),
+            start: r.start,
+            end: r.end,
+            reason,
+        };
+        if r.start >= n {
+            return Err(bad(format!(
+                "the range starts outside the tensor's {n} elements"
+            )));
+        }
+        if r.end < n && !r.end.is_multiple_of(blocksize) {
+            return Err(bad(format!(
+                "end is neither on a {blocksize}-element block boundary nor at the tensor's end ({n})"
+            )));
+        }
+        Ok(r.start..r.end.min(n))
+    }
+
+    /// Input bytes the job reads from `t` (its range's, when it has one).
+    pub fn input_bytes(&self, t: &TensorInfo) -> usize {
+        self.elements(t).map_or(0, |r| r.len()) * t.dtype.size()
     }
 }
 
@@ -54,6 +144,19 @@ pub fn quantize_job(ckpt: &Checkpoint, job: &Job, kernel: Kernel) -> Result<Pack
         }
     }
     let dtype = job.cast.unwrap_or(t.dtype);
+    if job.range.is_some() {
+        // The range's elements through a window over the same positioned reads, as a 1-D tensor.
+        let r = job.elements(t).map_err(at)?;
+        let shape = [r.len()];
+        let reader = Window::new(ckpt.reader(t)?, r).map_err(at)?;
+        return match job.cast {
+            Some(to) => {
+                quantize_source(&Cast { inner: reader, to }, &shape, dtype, job.spec, kernel)
+            }
+            None => quantize_source(&reader, &shape, dtype, job.spec, kernel),
+        }
+        .map_err(at);
+    }
     if !job.transpose {
         // Positioned reads, chunk by chunk: see `TensorReader`.
         let reader = ckpt.reader(t)?;

@@ -127,6 +127,59 @@ impl ChunkSource for FloatSlice<'_> {
     }
 }
 
+/// Elements `range` of another source, as a source of their own (a range job, `Job::range`): chunk
+/// `a..b` of the window is chunk `start + a..start + b` of the source, read as the source reads it.
+pub struct Window<S> {
+    inner: S,
+    start: usize,
+    len: usize,
+}
+
+impl<S: ChunkSource> Window<S> {
+    /// The window; `range` must lie inside the source (`BadRange` without file or tensor otherwise:
+    /// callers add them with `Error::at`).
+    pub fn new(inner: S, range: std::ops::Range<usize>) -> Result<Self> {
+        if range.start > range.end || range.end > inner.len() {
+            return Err(Error::BadRange {
+                path: Default::default(),
+                tensor: String::new(),
+                start: range.start,
+                end: range.end,
+                reason: format!("the range is outside the tensor's {} elements", inner.len()),
+            });
+        }
+        Ok(Window {
+            inner,
+            start: range.start,
+            len: range.len(),
+        })
+    }
+}
+
+impl<S: ChunkSource> ChunkSource for Window<S> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn with_chunk<R>(
+        &self,
+        start: usize,
+        end: usize,
+        f: impl FnOnce(FloatSlice) -> Result<R>,
+    ) -> Result<R> {
+        let shifted = (start <= end && end <= self.len)
+            .then(|| Some((self.start.checked_add(start)?, self.start.checked_add(end)?)))
+            .flatten();
+        let Some((a, b)) = shifted else {
+            return Err(Error::Internal(format!(
+                "chunk {start}..{end} is outside a window of {} elements",
+                self.len
+            )));
+        };
+        self.inner.with_chunk(a, b, f)
+    }
+}
+
 /// Quantizes one tensor, splitting it across the current rayon pool when it is large. Errors carry
 /// no file or tensor name; callers add them with `Error::at`.
 pub fn quantize_tensor(

@@ -86,7 +86,7 @@ pub fn spawn(
 /// `spawn` for full `Job`s (with transposition).
 pub fn spawn_jobs(ckpt: Arc<Checkpoint>, jobs: Vec<Job>, opts: Options) -> Result<Receiver<Item>> {
     for job in &jobs {
-        job.spec.validate()?;
+        job.validate()?;
     }
     let pool = pool(opts.threads)?;
     let (tx, rx) = sync_channel::<Item>(opts.channel_capacity.max(1));
@@ -98,7 +98,9 @@ pub fn spawn_jobs(ckpt: Arc<Checkpoint>, jobs: Vec<Job>, opts: Options) -> Resul
                 let mut j = i;
                 let mut bytes = 0usize;
                 while j < jobs.len() && (j == i || bytes < opts.batch_bytes) {
-                    bytes += ckpt.info(&jobs[j].name).map_or(0, |t| t.nbytes());
+                    bytes += ckpt
+                        .info(&jobs[j].name)
+                        .map_or(0, |t| jobs[j].input_bytes(t));
                     j += 1;
                 }
                 let batch = &jobs[i..j];

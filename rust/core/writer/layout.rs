@@ -254,6 +254,17 @@ impl Layout {
         for job in &jobs {
             job.spec.validate()?;
             let t = ckpt.info(&job.name)?;
+            if let Some(r) = &job.range {
+                // A conversion writes whole tensors; a range is the FSDP share's (python/fastq/shard.py).
+                return Err(Error::BadRange {
+                    path: ckpt.path_of(t).to_path_buf(),
+                    tensor: t.name.clone(),
+                    start: r.start,
+                    end: r.end,
+                    reason: "a conversion quantizes whole tensors; a range is for loading only"
+                        .into(),
+                });
+            }
             if !t.dtype.is_float_input() {
                 return Err(Error::UnsupportedDtype {
                     path: ckpt.path_of(t).to_path_buf(),

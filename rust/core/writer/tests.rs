@@ -94,6 +94,7 @@ fn layout(ckpt: &Checkpoint, max_shard_size: u64) -> Layout {
         transpose: false,
         cast,
         storage: Dtype::U8,
+        range: None,
     };
     let jobs = vec![
         job("a.weight", nf4(true), None),
@@ -309,6 +310,7 @@ fn a_nan_names_the_file_and_tensor() {
         transpose: false,
         cast: None,
         storage: Dtype::U8,
+        range: None,
     }];
     let layout = Layout::new(
         &ckpt,

@@ -24,6 +24,7 @@ const CLASSES: &[(&str, &str)] = &[
     ("UnknownDtype", "UnsupportedDtypeError"),
     ("NonFinite", "NonFiniteError"),
     ("BadShape", "ShapeError"),
+    ("BadRange", "ShapeError"),
     ("InvalidArgument", "InvalidArgumentError"),
     ("Cancelled", "CancelledError"),
     ("Internal", "InternalError"),
@@ -62,7 +63,8 @@ fn path_and_tensor(e: &Error) -> (Option<String>, Option<String>) {
         | Error::UnknownTensor { path, tensor }
         | Error::UnsupportedDtype { path, tensor, .. }
         | Error::NonFinite { path, tensor, .. }
-        | Error::BadShape { path, tensor, .. } => (p(path), t(tensor)),
+        | Error::BadShape { path, tensor, .. }
+        | Error::BadRange { path, tensor, .. } => (p(path), t(tensor)),
         Error::Overlap { path, first, .. } => (p(path), t(first)),
         Error::MissingShard { index, tensor, .. } | Error::IndexMismatch { index, tensor, .. } => {
             (p(index), t(tensor))

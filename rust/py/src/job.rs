@@ -38,10 +38,13 @@ pub struct Job(pub fastq::Job);
 #[pymethods]
 impl Job {
     /// `Job.four_bit(name, quant_type="nf4", blocksize=64, double_quant=True, transpose=False,
-    /// cast=None, storage="U8")`: 4-bit codes of checkpoint tensor `name`, stored as `storage`
-    /// (`bnb_4bit_quant_storage`); `cast` (F32, F16, BF16) converts the weight first.
+    /// cast=None, storage="U8", range=None)`: 4-bit codes of checkpoint tensor `name`, stored as
+    /// `storage` (`bnb_4bit_quant_storage`); `cast` (F32, F16, BF16) converts the weight first;
+    /// `range=(start, end)` quantizes only those elements of the flattened tensor (see `fastq::Job`:
+    /// `start` block-aligned, `double_quant=False`, no transpose).
     #[staticmethod]
-    #[pyo3(signature = (name, quant_type="nf4", blocksize=64, double_quant=true, transpose=false, cast=None, storage="U8"))]
+    #[pyo3(signature = (name, quant_type="nf4", blocksize=64, double_quant=true, transpose=false, cast=None, storage="U8", range=None))]
+    #[allow(clippy::too_many_arguments)] // Python keywords, each with its default
     fn four_bit(
         name: String,
         quant_type: &str,
@@ -50,6 +53,7 @@ impl Job {
         transpose: bool,
         cast: Option<&str>,
         storage: &str,
+        range: Option<(usize, usize)>,
     ) -> PyResult<Self> {
         let spec = QuantSpec::FourBit {
             quant_type: QuantType::parse(quant_type).py_err()?,
@@ -58,13 +62,16 @@ impl Job {
         };
         spec.validate().py_err()?;
         let cast = parse_cast(cast, &name)?;
-        Ok(Job(fastq::Job {
+        let job = fastq::Job {
             name,
             spec,
             transpose,
             cast,
             storage: parse_dtype(storage)?,
-        }))
+            range: range.map(|(a, b)| a..b),
+        };
+        job.validate().py_err()?;
+        Ok(Job(job))
     }
 
     /// `Job.int8(name, transpose=False, cast=None)`: LLM.int8 rows of checkpoint tensor `name`.
@@ -78,6 +85,7 @@ impl Job {
             transpose,
             cast,
             storage: Dtype::U8,
+            range: None,
         }))
     }
 
@@ -141,9 +149,19 @@ impl Job {
         self.0.storage.as_str()
     }
 
+    /// The element range `(start, end)` of the flattened tensor quantized, as given; None for all.
+    #[getter]
+    fn range(&self) -> Option<(usize, usize)> {
+        self.0.range.as_ref().map(|r| (r.start, r.end))
+    }
+
     fn __repr__(&self) -> String {
         let j = &self.0;
         let cast = j.cast.map_or("None".into(), |d| format!("'{d}'"));
+        let range = j
+            .range
+            .as_ref()
+            .map_or("None".into(), |r| format!("({}, {})", r.start, r.end));
         match j.spec {
             QuantSpec::FourBit {
                 quant_type,
@@ -151,7 +169,7 @@ impl Job {
                 double_quant,
             } => format!(
                 "Job.four_bit('{}', quant_type='{}', blocksize={blocksize}, double_quant={}, \
-                 transpose={}, cast={cast}, storage='{}')",
+                 transpose={}, cast={cast}, storage='{}', range={range})",
                 j.name,
                 quant_type.as_str(),
                 py_bool(double_quant),
