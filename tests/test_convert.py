@@ -478,11 +478,10 @@ def test_two_conversions_into_one_destination(tiny_model, tmp_path):
     # conversion stops at once with ConversionLockedError, writes nothing and leaves the other's folder;
     # once the other is gone it runs. The child says when it holds the lock: no timing involved.
     src, dst = tiny_model("llama"), tmp_path / "out"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from fastq.atomic import lock_temp_folder; "
-         "lock = lock_temp_folder(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(dst)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
+    hold = ("import sys; from pathlib import Path; from fastq.atomic import lock_temp_folder; "
+            "lock = lock_temp_folder(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(dst)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(fastq.ConversionLockedError, match="another conversion"):
