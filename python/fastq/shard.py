@@ -165,6 +165,9 @@ def fill(model, ckpt, plan: Plan, qcfg, share: Share, progress: bool, threads) -
             partial[id(p)] = p
     finally:
         bar.close()
+    # The range jobs' result buffers were copied out and freed; mimalloc would keep them for reuse (35-60
+    # MiB more anonymous memory per rank after fully_shard on BENCHMARKS.md's 0.5 GiB model).
+    _fastq.release_memory()
     if share.world > 1:
         _guard(model, share, partial)
     model.fastq_share = ShareStats(share.rank, share.world, counts.read, counts.host, counts.quantized)
