@@ -10,7 +10,7 @@ from . import _fastq
 from .dtypes import torch_dtype
 from .errors import ShapeError
 
-__all__ = ["int8_from_result", "quant_state", "quant_state_from_result", "raw_bytes", "wrap"]
+__all__ = ["int8_from_result", "packed_rows", "quant_state", "quant_state_from_result", "raw_bytes", "wrap"]
 
 
 def wrap(buf, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -41,6 +41,18 @@ def _f32(buf) -> torch.Tensor:
     return wrap(buf, torch.float32, (len(buf) // 4,))
 
 
+def packed_rows(nbytes: int, quant_storage: torch.dtype) -> int:
+    """Rows of the ``[rows, 1]`` tensor that ``nbytes`` packed 4-bit bytes make in ``quant_storage``.
+
+    Raises:
+        ShapeError: the bytes cannot be viewed as that dtype.
+    """
+    item = quant_storage.itemsize
+    if nbytes % item:
+        raise ShapeError(f"{nbytes} packed bytes cannot be viewed as {quant_storage} ({item} bytes each)")
+    return nbytes // item
+
+
 def quant_state_from_result(res: _fastq.Packed4bit, device=None, quant_storage: torch.dtype = torch.uint8):
     """(packed weight, QuantState) of a 4-bit result, on ``device`` (default: the CPU).
 
@@ -56,9 +68,7 @@ def quant_state_from_result(res: _fastq.Packed4bit, device=None, quant_storage: 
     nbytes = len(res.codes)
     packed = wrap(res.codes, torch.uint8, (nbytes,))
     if quant_storage != torch.uint8:
-        item = torch.empty((), dtype=quant_storage).element_size()
-        if nbytes % item:
-            raise ShapeError(f"{nbytes} packed bytes cannot be viewed as {quant_storage} ({item} bytes each)")
+        packed_rows(nbytes, quant_storage)
         packed = packed.view(quant_storage)
     packed = packed.unsqueeze(1).to(device)
     nested = None if res.nested_codes is None else (res.nested_codes, res.nested_absmax, res.offset)

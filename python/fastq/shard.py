@@ -43,7 +43,7 @@ from .install import get_submodule, set_4bit, set_plain
 from .placement import fill as fill_whole
 from .plan import Entry, Plan
 from .progress import byte_bar
-from .results import quant_state, raw_bytes
+from .results import packed_rows, quant_state, raw_bytes
 
 __all__ = ["Share", "ShareStats", "fill", "share_of"]
 
@@ -292,12 +292,13 @@ def _start_4bit(ckpt, entries: list[Entry], spec, share: Share, threads, bar) ->
         meta = ckpt.meta(e.source)
         n, src_dtype = math.prod(meta.shape), meta.torch_dtype
         nbytes = (n + 1) // 2
-        if nbytes % item:  # as results.quant_state_from_result refuses it
-            err = ShapeError(f"{meta.file}: '{meta.name}': {nbytes} packed bytes cannot be viewed as "
-                             f"{spec.quant_storage} ({item} bytes each)")
+        try:
+            rows = packed_rows(nbytes, spec.quant_storage)
+        except ShapeError as e:
+            err = ShapeError(f"{meta.file}: '{meta.name}': {e}")
             err.path, err.tensor = meta.file, meta.name
-            raise err
-        rows, per_row = nbytes // item, 2 * item
+            raise err from None
+        per_row = 2 * item
         e0, e1 = _elements(share, rows, per_row, n, share.rank)
         _, raw = _anonymous(nbytes)
         per_rank = [-(-b // bs) - -(-a // bs) for a, b in

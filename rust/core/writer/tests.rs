@@ -178,6 +178,18 @@ fn run(
 }
 
 /// A run into `dir` cancelled once two shards are done; the manifest it leaves.
+/// Every file of `whole` has the same bytes in `part`.
+fn assert_same_files(whole: &Path, part: &Path) {
+    for entry in std::fs::read_dir(whole).unwrap() {
+        let name = entry.unwrap().file_name();
+        assert_eq!(
+            std::fs::read(whole.join(&name)).unwrap(),
+            std::fs::read(part.join(&name)).unwrap(),
+            "{name:?}"
+        );
+    }
+}
+
 fn cancelled_after_two_shards(src: &Path, dir: &Path) -> Manifest {
     let (s, _) = run(src, dir, 1500, false, Some(2));
     assert!(s.is_none(), "cancelled");
@@ -269,14 +281,7 @@ fn cancel_then_resume_gives_the_same_bytes() {
     let (s, seen) = run(&src, &part, 1500, true, None);
     assert!(s.unwrap().shards.iter().filter(|s| s.resumed).count() == kept - 1);
     assert_eq!(seen[0].shards_resumed, kept - 1);
-    for entry in std::fs::read_dir(&whole).unwrap() {
-        let name = entry.unwrap().file_name();
-        assert_eq!(
-            std::fs::read(whole.join(&name)).unwrap(),
-            std::fs::read(part.join(&name)).unwrap(),
-            "{name:?}"
-        );
-    }
+    assert_same_files(&whole, &part);
 }
 
 #[test]
@@ -368,12 +373,5 @@ fn resume_rewrites_the_shards_of_a_source_changed_in_place() {
     }
     let whole = tmp.path().join("whole");
     run(&src, &whole, 1500, false, None).0.unwrap();
-    for entry in std::fs::read_dir(&whole).unwrap() {
-        let name = entry.unwrap().file_name();
-        assert_eq!(
-            std::fs::read(whole.join(&name)).unwrap(),
-            std::fs::read(part.join(&name)).unwrap(),
-            "{name:?}"
-        );
-    }
+    assert_same_files(&whole, &part);
 }
