@@ -8,7 +8,7 @@ use crate::cast::Cast;
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::pack::{quantize_source, quantize_tensor, Packed, QuantSpec, Window};
+use crate::pack::{quantize_source, quantize_tensor, ChunkSource, Packed, QuantSpec, Window};
 use crate::quant::Kernel;
 
 /// One tensor to quantize.
@@ -54,15 +54,7 @@ impl Job {
     pub fn validate(&self) -> Result<()> {
         self.spec.validate()?;
         let Some(r) = &self.range else { return Ok(()) };
-        let bad = |reason: String| {
-            Err(Error::BadRange {
-                path: Default::default(),
-                tensor: self.name.clone(),
-                start: r.start,
-                end: r.end,
-                reason,
-            })
-        };
+        let bad = |reason: String| Err(self.bad_range(r, reason));
         let QuantSpec::FourBit {
             blocksize,
             double_quant,
@@ -104,13 +96,7 @@ impl Job {
             QuantSpec::FourBit { blocksize, .. } => blocksize,
             QuantSpec::Int8 => unreachable!("validate refuses a range on int8"),
         };
-        let bad = |reason: String| Error::BadRange {
-            path: Default::default(),
-            tensor: self.name.clone(),
-            start: r.start,
-            end: r.end,
-            reason,
-        };
+        let bad = |reason: String| self.bad_range(r, reason);
         if r.start >= n {
             return Err(bad(format!(
                 "the range starts outside the tensor's {n} elements"
@@ -122,6 +108,17 @@ impl Job {
             )));
         }
         Ok(r.start..r.end.min(n))
+    }
+
+    /// `BadRange` for range `r` of this job's tensor (`quantize_job` adds the file).
+    fn bad_range(&self, r: &Range<usize>, reason: String) -> Error {
+        Error::BadRange {
+            path: Default::default(),
+            tensor: self.name.clone(),
+            start: r.start,
+            end: r.end,
+            reason,
+        }
     }
 
     /// Input bytes the job reads from `t` (its range's, when it has one).
@@ -144,31 +141,23 @@ pub fn quantize_job(ckpt: &Checkpoint, job: &Job, kernel: Kernel) -> Result<Pack
         }
     }
     let dtype = job.cast.unwrap_or(t.dtype);
-    if job.range.is_some() {
-        // The range's elements through a window over the same positioned reads, as a 1-D tensor.
-        let r = job.elements(t).map_err(at)?;
-        let shape = [r.len()];
-        let reader = Window::new(ckpt.reader(t)?, r).map_err(at)?;
-        return match job.cast {
-            Some(to) => {
-                quantize_source(&Cast { inner: reader, to }, &shape, dtype, job.spec, kernel)
-            }
-            None => quantize_source(&reader, &shape, dtype, job.spec, kernel),
-        }
-        .map_err(at);
-    }
-    if !job.transpose {
-        // Positioned reads, chunk by chunk: see `TensorReader`.
+    if job.range.is_some() || !job.transpose {
+        // Positioned reads, chunk by chunk: see `TensorReader`; a range's elements through a window
+        // over them, as a 1-D tensor (a range of a transposed weight is refused by `elements`).
         let reader = ckpt.reader(t)?;
-        return match job.cast {
-            Some(to) => quantize_source(
-                &Cast { inner: reader, to },
-                &t.shape,
-                dtype,
-                job.spec,
-                kernel,
-            ),
-            None => quantize_source(&reader, &t.shape, dtype, job.spec, kernel),
+        return match job.range {
+            Some(_) => {
+                let r = job.elements(t).map_err(at)?;
+                let shape = [r.len()];
+                quantize_cast(
+                    Window::new(reader, r).map_err(at)?,
+                    &shape,
+                    dtype,
+                    job,
+                    kernel,
+                )
+            }
+            None => quantize_cast(reader, &t.shape, dtype, job, kernel),
         }
         .map_err(at);
     }
@@ -195,6 +184,20 @@ pub fn quantize_job(ckpt: &Checkpoint, job: &Job, kernel: Kernel) -> Result<Pack
         None => quantize_tensor(xt, &shape, dtype, job.spec, kernel),
     }
     .map_err(at)
+}
+
+/// `quantize_source` of `src`, cast chunk by chunk first when the job asks for it.
+fn quantize_cast<S: ChunkSource>(
+    src: S,
+    shape: &[usize],
+    dtype: Dtype,
+    job: &Job,
+    kernel: Kernel,
+) -> Result<Packed> {
+    match job.cast {
+        Some(to) => quantize_source(&Cast { inner: src, to }, shape, dtype, job.spec, kernel),
+        None => quantize_source(&src, shape, dtype, job.spec, kernel),
+    }
 }
 
 /// Transposes a row-major `rows x cols` matrix of `elem`-byte elements, in cache-sized tiles.
