@@ -39,6 +39,19 @@ def _weight(ckpt, name: str, buf: torch.Tensor) -> torch.Tensor:
     return buf.view(m.torch_dtype).view(m.shape)
 
 
+def _bnb_quantize(w: torch.Tensor, spec):
+    """bitsandbytes' CUDA quantization of ``w`` as transformers runs it: ``(packed, QuantState)`` for a
+    4-bit spec (``Params4bit._quantize``: ``quantize_4bit`` with compress_statistics), ``(CB, SCB)`` for
+    int8 (``Int8Params._quantize``: float16, then ``int8_vectorwise_quant``)."""
+    import bitsandbytes.functional as bf
+
+    if spec == SPEC_INT8:
+        cb, scb, _ = bf.int8_vectorwise_quant(w.to(torch.float16))
+        return cb, scb
+    return bf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
+                            quant_type=spec.quant_type, quant_storage=spec.quant_storage)
+
+
 def warm_kernels(spec, device: torch.device) -> threading.Thread:
     """Runs bitsandbytes' quantizer for ``spec`` once on a few bytes of ``device``, in the background:
     its first call loads the CUDA kernels and sets up torch's dispatch for the op (62 ms for NF4, 28 ms
@@ -46,39 +59,16 @@ def warm_kernels(spec, device: torch.device) -> threading.Thread:
     skeleton is built; the GIL is released while the driver loads the kernels."""
 
     def run() -> None:
-        import bitsandbytes.functional as bf
-
         try:
             with torch.cuda.device(device):
-                if spec == SPEC_INT8:
-                    bf.int8_vectorwise_quant(torch.zeros(32, 64, dtype=torch.float16, device=device))
-                else:
-                    w = torch.zeros(spec.blocksize * 256, dtype=torch.bfloat16, device=device)
-                    bf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
-                                     quant_type=spec.quant_type, quant_storage=spec.quant_storage)
+                _bnb_quantize(torch.zeros(256, spec.blocksize if spec != SPEC_INT8 else 64, dtype=torch.bfloat16,
+                                          device=device), spec)
         except Exception:  # noqa: BLE001, S110 - only a warm-up: the fill's own call reports a failure
             pass
 
     t = threading.Thread(target=run, daemon=True, name="fastq-warm")
     t.start()
     return t
-
-
-def _quantize_4bit(module, w: torch.Tensor, spec, dev: torch.device) -> None:
-    import bitsandbytes.functional as bf
-
-    packed, state = bf.quantize_4bit(
-        w, blocksize=spec.blocksize, compress_statistics=spec.double_quant, quant_type=spec.quant_type,
-        quant_storage=spec.quant_storage,
-    )
-    set_4bit(module, packed, state, dev)
-
-
-def _quantize_int8(module, w: torch.Tensor, dev: torch.device) -> None:
-    import bitsandbytes.functional as bf
-
-    cb, scb, _ = bf.int8_vectorwise_quant(w.to(torch.float16))  # Int8Params._quantize's float16 step
-    set_int8(module, cb, scb, dev)
 
 
 def fill_on_device(
@@ -151,11 +141,8 @@ def _place(model, ckpt, e, got: dict, dev: torch.device, spec) -> None:
             w = w.to(e.dtype)  # transformers materializes the weight in the model's dtype first
         if e.transpose:
             w = w.t()  # GPT-2's Conv1D: transformers quantizes value.T
-        w = w.contiguous()
-        if spec == SPEC_INT8:
-            _quantize_int8(module, w, dev)
-        else:
-            _quantize_4bit(module, w, spec, dev)
+        install = set_int8 if spec == SPEC_INT8 else set_4bit
+        install(module, *_bnb_quantize(w.contiguous(), spec), dev)
     elif e.kind == "4bit-pre":
         qs = e.extra[QUANT_STATE]  # "<module>.weight.quant_state.bitsandbytes__nf4": JSON, read on the host
         got[quant_state_stat(qs)] = ckpt.get(qs)

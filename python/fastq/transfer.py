@@ -80,7 +80,6 @@ class PinnedRing:
         self.slot_bytes = slot_bytes
         self.events: list[torch.cuda.Event | None] = [None] * slots
         self._buffers: list[torch.Tensor | None] = [None] * slots
-        self._arrays: list = [None] * slots
         self._errors: list[BaseException | None] = [None] * slots
         self._ready = [threading.Event() for _ in range(slots)]
         method = method or PIN_METHOD
@@ -92,8 +91,7 @@ class PinnedRing:
 
     def _make(self, k: int, method: str | None) -> None:
         try:
-            buf = _pinned(self.slot_bytes, method) if method else torch.empty(self.slot_bytes, dtype=torch.uint8)
-            self._buffers[k], self._arrays[k] = buf, buf.numpy()  # a writable buffer-protocol view for Rust
+            self._buffers[k] = _pinned(self.slot_bytes, method) if method else torch.empty(self.slot_bytes, dtype=torch.uint8)
         except Exception as e:  # noqa: BLE001 - re-raised where the slot is used
             self._errors[k] = e
         finally:
@@ -111,8 +109,7 @@ class PinnedRing:
 
     def array(self, k: int):
         """Slot ``k`` as a writable numpy array for the Rust readers (waits until it is pinned)."""
-        self._wait(k)
-        return self._arrays[k]
+        return self.buffer(k).numpy()
 
     def wait_all(self) -> None:
         """Returns once every slot is pinned."""
