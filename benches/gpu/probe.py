@@ -9,8 +9,10 @@ checkpoints):
           ring shapes and reader thread counts (FASTQ_RING_SLOTS / FASTQ_RING_SLOT_MIB /
           FASTQ_NUM_THREADS), through compare.py's cases: load seconds, phases, read/copy GB/s
   memory  what fastq keeps allocated on the GPU after a pre-quantized reload (and after
-          quantize_on="cpu") beyond the model's own tensors, with the Python stack of each allocation
-          (torch.cuda.memory._record_memory_history)
+          quantize_on="cpu", and transformers' reload) beyond the model's own tensors, with the Python
+          stack of each allocation (torch.cuda.memory._record_memory_history), and the bytes the caching
+          allocator counts allocated beyond what was asked for (blocks not split: a 21.5 MiB tensor in a
+          fresh 22 MiB segment holds the 0.5 MiB tail)
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def memory_case(case: str, work: Path) -> dict:
                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     if case == "pre":
         m = fastq.load(work / "llama7b-nf4", None, {"": 0}, dtype=torch.bfloat16, progress=False)
+    elif case == "tf_pre":
+        m = transformers.AutoModelForCausalLM.from_pretrained(work / "llama7b-nf4", device_map={"": 0},
+                                                              dtype=torch.bfloat16)
     elif case == "cpu":
         m = fastq.load(work / "llama7b", bnb4, {"": 0}, dtype=torch.bfloat16, progress=False, quantize_on="cpu")
     else:
@@ -98,11 +103,12 @@ def memory_case(case: str, work: Path) -> dict:
             if qs is not None and hasattr(qs, "absmax"):
                 note(qs.absmax, f"{n}.{f}.absmax")
     snap = torch.cuda.memory._snapshot()
-    unknown, stacks = [], Counter()
+    unknown, stacks, tails = [], Counter(), Counter()
     for seg in snap["segments"]:
         for blk in seg["blocks"]:
             if blk["state"] != "active_allocated":
                 continue
+            tails[blk["requested_size"]] += blk["size"] - blk["requested_size"]
             if blk["address"] in known:
                 continue
             unknown.append(blk["requested_size"])
@@ -117,6 +123,9 @@ def memory_case(case: str, work: Path) -> dict:
         "unknown_blocks": len(unknown),
         "unknown_mib": sum(unknown) / 2**20,
         "top_stacks": [(s, b / 2**20) for s, b in stacks.most_common(8)],
+        "tail_mib": sum(tails.values()) / 2**20,
+        "top_tails": [(size, b / 2**20) for size, b in tails.most_common(4)],
+        "segments": len(snap["segments"]),
     }
 
 
@@ -167,7 +176,7 @@ def main() -> None:
                 results["ring"].append(row)
                 print("ring", json.dumps(row), flush=True)
     if "memory" in a.what:
-        results["memory"] = [sub([__file__, "--work", str(work), "--memory", c]) for c in ("device", "pre", "cpu")]
+        results["memory"] = [sub([__file__, "--work", str(work), "--memory", c]) for c in ("device", "pre", "cpu", "tf_pre")]
         for r in results["memory"]:
             print("memory", json.dumps(r, indent=1), flush=True)
     (out / "probe.json").write_text(json.dumps(results, indent=1))
