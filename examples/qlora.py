@@ -35,6 +35,16 @@ def batches(tokenizer, length: int, batch: int, vocab: int, device):
         yield windows[pick].to(device)
 
 
+def tokenizer_for(folder):
+    """The checkpoint's tokenizer, or None when it has no tokenizer files (``batches`` then uses bytes)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def adapt(model):
     """The QLoRA recipe: peft's k-bit preparation, then LoRA adapters (r=8) on every linear layer, seeded."""
     import peft
@@ -79,7 +89,6 @@ def main() -> None:
     import fastq
     import peft
 
-    tokenizer = None
     if args.smollm2:
         from fastq.demo import smollm2_dir
 
@@ -88,12 +97,7 @@ def main() -> None:
         folder = args.model
     else:
         ap.error("give a MODEL_FOLDER or --smollm2")
-    try:
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # a checkpoint without tokenizer files: byte-level ids
+    tokenizer = tokenizer_for(folder)
 
     cfg = fastq.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16)

@@ -24,3 +24,22 @@ def test_qlora_example_trains_saves_reloads_and_merges(tiny_model, tmp_path):
     diff, scale = map(float, re.search(r"merged into the dequantized weights: max \|diff\| ([\d.e-]+) \(scale ([\d.e-]+)", out.stdout).groups())
     assert diff <= 0.05 * scale
     assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+
+
+def test_qlora_compare_trains_both_loaders_to_the_same_losses(tiny_model, tmp_path):
+    """benches/gpu/qlora_compare.py (the GPU run of issue 9) on the CPU: LLM.int8 is rounded the same by
+    fastq and bitsandbytes here, so the two loaders' losses must be equal step for step."""
+    script = Path(__file__).parents[1] / "benches" / "gpu" / "qlora_compare.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--model", tiny_model("llama"), "--device", "cpu", "--quant", "int8",
+         "--steps", "3", "--batch", "2", "--length", "32", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    results = json.loads((tmp_path / "qlora_compare.json").read_text())
+    ours, theirs = results["fastq:int8"]["losses"], results["transformers:int8"]["losses"]
+    assert len(ours) == 3 and all(0 < x < 20 for x in ours)
+    assert ours == theirs
+    assert "int8: losses max relative difference 0 over 3 steps, 3 steps equal" in out.stdout

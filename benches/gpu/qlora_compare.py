@@ -66,7 +66,7 @@ def run(loader: str, quant: str, folder: str, steps: int, batch: int, length: in
     """One loader's load and training, in this process (``device`` "cpu" only to try the script out)."""
     import fastq
     import transformers
-    from qlora import adapt, batches, train
+    from qlora import adapt, batches, tokenizer_for, train
 
     bnb = quant_config(quant)
     cuda = device.startswith("cuda")
@@ -84,7 +84,7 @@ def run(loader: str, quant: str, folder: str, steps: int, batch: int, length: in
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t
     loaded_gb = torch.cuda.memory_allocated() / 1e9 if cuda else float("nan")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = tokenizer_for(folder)
     model = adapt(model)
     data = batches(tokenizer, length, batch, model.config.vocab_size, device)
     losses, tokens_per_s = train(model, data, steps, 2e-4)
@@ -122,6 +122,7 @@ def main() -> None:
                 continue
             results[f"{loader}:{quant}"] = json.loads(line[0][7:])
     (a.out / "qlora_compare.json").write_text(json.dumps(results, indent=1))
+    failed = len(a.quant) * 2 - len(results)
     for r in results.values():
         ls = r["losses"]
         print(f"{r['quant']:<7} {r['loader']:<12} load {r['load_s']:.2f} s, {r['loaded_gb']:.3f} GB after load, "
@@ -133,6 +134,8 @@ def main() -> None:
             diff = max(abs(x - y) / abs(y) for x, y in zip(a_, b_, strict=True))
             same = sum(x == y for x, y in zip(a_, b_, strict=True))
             print(f"{quant}: losses max relative difference {diff:.3g} over {len(a_)} steps, {same} steps equal")
+    if failed:
+        sys.exit(f"{failed} run(s) failed (above)")
 
 
 if __name__ == "__main__":
