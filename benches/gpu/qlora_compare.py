@@ -21,8 +21,8 @@ file travels in two calls made back to back (the machine keeps /tmp while it sta
     #   pip install -q --no-index --no-deps --target /tmp/site .smol/b/*.whl; cp .smol/b/partab /tmp/fastq-smol/;
     #   export PYTHONPATH=$PWD/.device-site:/tmp/site:$PYTHONPATH; python3 benches/gpu/qlora_compare.py --gguf /tmp/fastq-smol
 
-Plan the calls' time from what the H200 took (BENCHMARKS.md): ~140 s per run of 300 steps (batch 8 x 256),
-~65 s per run of 100, ~35 s per run of 40, each including ~20 s of process start and load; two runs per
+Plan the calls' time from what the H200 took (BENCHMARKS.md): ~130 s per run of 300 steps (batch 8 x 256)
+and ~34 s per run of 40, each including process start and load (9-12 s); two runs per
 quantization. Results are printed only at the end: give each call room, or one quantization per call.
 """
 
