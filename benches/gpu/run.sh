@@ -11,5 +11,17 @@ timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest tests/test_gpu.py tests/tes
   2>&1 | tee "$OUT/pytest_gpu.log" | tail -20
 timeout "${GPU_BENCH_TIMEOUT:-380}" python3 benches/gpu/compare.py --work /tmp/fastq-gpu --out "$OUT" "$@" \
   2>&1 | tee "$OUT/compare.log" | grep -v '^{'
+# VARIANTS="FASTQ_COPY_STREAM=0;FASTQ_RING_SLOTS=6": the fq_* cases again under each ;-separated set of
+# environment assignments, load figures only (COMPARE_LOAD_ONLY), in the same call as the cases above
+IFS=';' read -ra variants <<< "${VARIANTS:-}"
+fq_cases=(); for c in "$@"; do [[ $c == fq_* && $c != fq_convert* ]] && fq_cases+=("$c"); done
+for v in "${variants[@]}"; do
+  [[ -z $v || ${#fq_cases[@]} -eq 0 ]] && continue
+  echo "## variant: $v" | tee -a "$OUT/variants.log"
+  # shellcheck disable=SC2086 # the variant is a list of assignments
+  env $v COMPARE_LOAD_ONLY=1 timeout "${GPU_VARIANT_TIMEOUT:-200}" python3 benches/gpu/compare.py \
+    --work /tmp/fastq-gpu --out "$OUT/variant" --cases "${fq_cases[@]}" 2>&1 | grep -v '^{' | tee -a "$OUT/variants.log"
+done
+rm -rf "$OUT/variant"
 # at most 8 files come back from a device call: the per-case logits and digests stay there
 rm -f "$OUT"/logits_*.pt "$OUT"/digests_*.json
