@@ -81,3 +81,26 @@ def test_reader_refuses_a_read_only_or_too_small_destination(ckpt):
     t.wait()
     assert t.done() and dst[32:100] == bytes(ck.get("small").numpy().tobytes())
 
+
+
+def test_timeline_analysis_reads_gaps_and_overlaps():
+    """benches/gpu/timeline.py on a timeline whose figures are known by construction."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benches" / "gpu" / "timeline.py"
+    spec = importlib.util.spec_from_file_location("timeline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.analyse({
+        "read": [[0.0, 1.0], [0.5, 2.0], [3.0, 4.0]],  # in flight 0-2 and 3-4: a gap of 1 s
+        "copy": [[1.0, 1.5], [2.0, 3.5], [4.0, 4.5]],  # busy through the whole gap
+        "device": [[1.25, 1.75], [2.5, 2.75]],  # overlaps the copies 0.25 + 0.25 s; 0.25 s in the gap
+    })
+    assert r["reads"] == 3 and r["read_span_s"] == 4.0
+    assert r["no_read_s"] == 1.0
+    assert r["copy_busy_in_no_read_s"] == 1.0
+    assert r["device_busy_in_no_read_s"] == 0.25
+    assert r["copy_device_overlap_s"] == 0.5
+    assert r["reads_in_flight"] == (1.0 + 1.5 + 1.0) / 4.0
+    assert r["read_end_to_copy_start_ms"] == 0.0  # waits of 0, 0 and 0 ms
