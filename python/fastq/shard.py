@@ -287,6 +287,7 @@ def _start_4bit(ckpt, entries: list[Entry], spec, share: Share, threads, bar) ->
     if not entries:
         return [], [], iter(())
     bs, item = spec.blocksize, spec.quant_storage.itemsize
+    per_row = 2 * item  # 4-bit elements per packed row of the [R, 1] tensor
     made, jobs, pending = [], [], []
     for e in entries:
         meta = ckpt.meta(e.source)
@@ -298,7 +299,6 @@ def _start_4bit(ckpt, entries: list[Entry], spec, share: Share, threads, bar) ->
             err = ShapeError(f"{meta.file}: '{meta.name}': {e}")
             err.path, err.tensor = meta.file, meta.name
             raise err from None
-        per_row = 2 * item
         e0, e1 = _elements(share, rows, per_row, n, share.rank)
         _, raw = _anonymous(nbytes)
         per_rank = [-(-b // bs) - -(-a // bs) for a, b in
@@ -401,7 +401,7 @@ def _state_bytes(state) -> int:
     for s in (state, state.state2) if state.nested else (state,):
         for t in (s.absmax, s.code, getattr(s, "offset", None)):
             if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
+                total += t.nbytes
     return total
 
 
@@ -414,13 +414,13 @@ def _held_bytes(model, e: Entry) -> int:
         t = module._buffers.get(leaf)
     if t is None:
         return 0
-    total = t.numel() * t.element_size()
+    total = t.nbytes
     state = getattr(t, "quant_state", None)
     if state is not None:
         total += _state_bytes(state)
     scb = getattr(t, "SCB", None)
     if isinstance(scb, torch.Tensor):
-        total += scb.numel() * scb.element_size()
+        total += scb.nbytes
     return total
 
 
