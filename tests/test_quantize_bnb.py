@@ -601,3 +601,39 @@ def test_bad_blocksize_raises(blocksize):
 def test_bad_quant_type_raises():
     with pytest.raises(fastq.InvalidArgumentError, match="quant_type"):
         fastq.ops.quantize_4bit(torch.ones(64), 64, "int4")
+
+
+def _state_fields(state) -> dict:
+    """Every field of a QuantState, tensors as (dtype, shape, bytes)."""
+
+    def val(v):
+        if isinstance(v, torch.Tensor):
+            return (v.dtype, tuple(v.shape), v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return v
+
+    out = {k: val(getattr(state, k)) for k in ("absmax", "shape", "code", "dtype", "blocksize", "quant_type", "offset")}
+    if state.state2 is not None:
+        out["state2"] = _state_fields(state.state2)
+    return out
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_device_fill_quantize_is_bitsandbytes_quantize_4bit(quant_type, double_quant, storage):
+    """The GPU fill's quantization (device_fill._bnb_quantize: bitsandbytes' op, its code table made once
+    instead of uploaded at every weight) gives what ``quantize_4bit`` gives, every byte and field - on the
+    CPU here, on the GPU in tests/test_gpu.py."""
+    from fastq.checkpoint import Spec4bit
+    from fastq.device_fill import _bnb_quantize
+
+    w = torch.randn(96, 256, generator=gen(quant_type, double_quant, storage)).to(torch.bfloat16)
+    spec = Spec4bit(quant_type=quant_type, blocksize=64, double_quant=double_quant, quant_storage=storage)
+    for _ in range(2):  # the second call uses the cached code
+        packed, state = _bnb_quantize(w, spec)
+        ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant,
+                                                quant_type=quant_type, quant_storage=storage)
+        assert packed.dtype == ref_packed.dtype and packed.shape == ref_packed.shape
+        assert torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
+        assert _state_fields(state) == _state_fields(ref_state)
+        assert state.code.data_ptr() != _bnb_quantize(w, spec)[1].code.data_ptr()  # a code per weight, as bnb

@@ -39,6 +39,41 @@ def _weight(ckpt, name: str, buf: torch.Tensor) -> torch.Tensor:
     return buf.view(m.torch_dtype).view(m.shape)
 
 
+_CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _code(quant_type: str, device: torch.device) -> torch.Tensor:
+    """bitsandbytes' 16-value code of ``quant_type`` on ``device``, made once per process (its
+    ``get_4bit_type`` builds it with ``torch.tensor(list, device=...)``: an upload from pageable memory,
+    which synchronizes the stream)."""
+    import bitsandbytes.functional as bf
+
+    key = (quant_type, device)
+    if key not in _CODES:
+        _CODES[key] = bf.get_4bit_type(quant_type, device=device)
+    return _CODES[key]
+
+
+def _quantize_4bit(w: torch.Tensor, spec):
+    """``bitsandbytes.functional.quantize_4bit(w, ...)`` step for step - the same op, the same mean and
+    nested ``quantize_blockwise``, the same ``QuantState`` - except that the code is a device-side copy of
+    one made once: bitsandbytes' own call uploads it from pageable memory at every weight, and that
+    upload waits for everything queued on the stream, so the fill's host could never run ahead of the
+    GPU (BENCHMARKS.md, run 10). The bytes are bitsandbytes' (tests/test_gpu.py, tests/test_quantize_bnb.py)."""
+    import bitsandbytes.functional as bf
+
+    packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(w, spec.blocksize, spec.quant_type,
+                                                                  spec.quant_storage)
+    code = _code(spec.quant_type, w.device).clone()
+    common = {"shape": w.shape, "dtype": w.dtype, "blocksize": spec.blocksize, "code": code,
+              "quant_type": spec.quant_type}
+    if not spec.double_quant:
+        return packed, bf.QuantState(absmax=absmax, **common)
+    offset = absmax.mean()
+    qabsmax, state2 = bf.quantize_blockwise(absmax - offset, blocksize=256)
+    return packed, bf.QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
+
+
 def _bnb_quantize(w: torch.Tensor, spec):
     """bitsandbytes' CUDA quantization of ``w`` as transformers runs it: ``(packed, QuantState)`` for a
     4-bit spec (``Params4bit._quantize``: ``quantize_4bit`` with compress_statistics), ``(CB, SCB)`` for
@@ -48,8 +83,7 @@ def _bnb_quantize(w: torch.Tensor, spec):
     if spec == SPEC_INT8:
         cb, scb, _ = bf.int8_vectorwise_quant(w.to(torch.float16))
         return cb, scb
-    return bf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
-                            quant_type=spec.quant_type, quant_storage=spec.quant_storage)
+    return _quantize_4bit(w, spec)
 
 
 def warm_kernels(spec, device: torch.device) -> threading.Thread:

@@ -7,9 +7,11 @@ int8 data, ``CB`` and ``SCB``. Moving them to a device moves the packed bytes an
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .transfer import to_device
+from .transfer import side_stream, to_device
 
 __all__ = ["get_submodule", "prequantized_4bit", "prequantized_int8", "set_4bit", "set_int8", "set_plain"]
 
@@ -58,12 +60,20 @@ def set_4bit(module, packed: torch.Tensor, state, device) -> None:
 
 
 def prequantized_4bit(module, weight: torch.Tensor, stats: dict[str, torch.Tensor], device) -> None:
-    """Installs a 4-bit weight saved by transformers/bitsandbytes (``Params4bit.from_prequantized``)."""
+    """Installs a 4-bit weight saved by transformers/bitsandbytes (``Params4bit.from_prequantized``).
+
+    On a GPU it runs on a stream of its own: ``QuantState.from_dict`` uploads the nested offset with
+    ``torch.tensor(x).to(device)``, whose stream sync would otherwise wait for every copy and kernel the
+    fill has queued (the tensors it is given are on the device already; nothing else is queued there)."""
     import bitsandbytes as bnb
 
-    w = bnb.nn.Params4bit.from_prequantized(
-        data=weight, quantized_stats=stats, requires_grad=False, device=_device(device), module=module
-    )
+    device = _device(device)
+    with torch.cuda.stream(side_stream(device, "upload")) if device.type == "cuda" else contextlib.nullcontext():
+        w = bnb.nn.Params4bit.from_prequantized(
+            data=weight, quantized_stats=stats, requires_grad=False, device=device, module=module
+        )
+    if device.type == "cuda" and w.quant_state.offset is not None:
+        w.quant_state.offset.record_stream(torch.cuda.current_stream(device))  # allocated there, used here
     _set_weight(module, w)
 
 

@@ -5,9 +5,11 @@ buffers, copied to the GPU asynchronously, one buffer filling while the previous
                                                                           -> quantize there / install
 
 The ring has a few slots of pinned memory, allocated once per process and reused; a CUDA event per
-slot says when the copy out of it finished, so the slot can be refilled. No torch thread pool runs
-in the hot path (the DMA engine copies, the Rust pool reads), and nothing is copied through pageable
-memory. ``stream_to_device`` is the engine; ``Timeline`` records when each stage ran.
+slot says when the copy out of it finished, so the slot can be refilled. The copies run on their own
+stream, so the DMA engine fills the next buffers while the caller's stream quantizes the previous
+ones (on one stream the two took turns: BENCHMARKS.md, run 10). No torch thread pool runs in the hot
+path (the DMA engine copies, the Rust pool reads), and nothing is copied through pageable memory.
+``stream_to_device`` is the engine; ``Timeline`` records when each stage ran.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def _env_int(name: str, default: int) -> int:
 
 SLOT_BYTES = _env_int("FASTQ_RING_SLOT_MIB", 64) << 20
 SLOTS = _env_int("FASTQ_RING_SLOTS", 4)
+
+#: Copies on a stream of their own ("1", the default) or on the caller's stream ("0", as before run 10).
+COPY_STREAM = os.environ.get("FASTQ_COPY_STREAM", "1") != "0"
+_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
+    """A stream of ``device`` kept for ``purpose`` ("copy": the ring's copies; "upload": the tiny
+    synchronous uploads bitsandbytes makes, so that their stream sync waits for nothing else), one per
+    device and process, made on first use."""
+    with _RING_LOCK:
+        key = (purpose, device.index if device.index is not None else torch.cuda.current_device())
+        if key not in _STREAMS:
+            _STREAMS[key] = torch.cuda.Stream(device)
+        return _STREAMS[key]
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -268,26 +285,46 @@ def stream_to_device(
     timeline: Timeline | None = None,
 ) -> None:
     """Moves the bytes of every request to ``device``, in order; calls ``on_ready(key, buffer)`` with a
-    uint8 device tensor of the request's bytes as soon as its copies are queued on the current stream
-    (work the callback queues on that stream runs after them). Returns when every copy is queued; the
-    caller synchronizes before handing the results to a user."""
+    uint8 device tensor of the request's bytes as soon as its copies are queued (work the callback
+    queues on the current stream runs after them). Returns when every copy is queued; the caller
+    synchronizes before handing the results to a user.
+
+    Stream order: the copies run on a stream of their own; the current stream waits for a batch's
+    copies before the callbacks of the requests it completed. A buffer is allocated on the current
+    stream one batch ahead of its copies, and the copy stream waits for the current stream as it was
+    then, so a block the allocator hands back is never written while earlier work still reads it."""
     requests = list(requests)
     if not requests:
         return
     cuda = device.type == "cuda"  # a CPU "device" runs the same steps synchronously (tests)
     ring = ring or (ring_for() if cuda else PinnedRing(slot_bytes=1 << 20, pin=False))
     reader = _fastq.Reader(ckpt.native, threads)
-    stream = torch.cuda.current_stream(device) if cuda else None
+    compute = torch.cuda.current_stream(device) if cuda else None
+    copy = (side_stream(device, "copy") if COPY_STREAM else compute) if cuda else None
     if not cuda:
         timeline = None
     if timeline is not None and timeline.base is None:
         timeline.base = torch.cuda.Event(enable_timing=True)
-        timeline.base.record(stream)
+        timeline.base.record(compute)
         timeline.base_time = time.time()
     batches = list(_batches(requests, ring.slot_bytes))
     buffers: dict[int, torch.Tensor] = {}
     remaining = [r.nbytes for r in requests]
     tickets: deque = deque()
+
+    def event(stream, timing: bool = False):
+        ev = torch.cuda.Event(enable_timing=timing)
+        ev.record(stream)
+        return ev
+
+    def allocate(j: int):
+        """Device buffers for the requests batch ``j`` starts; the event the copy stream waits for."""
+        new = False
+        for i, *_ in batches[j]:
+            if i not in buffers:
+                buffers[i] = torch.empty(requests[i].nbytes, dtype=torch.uint8, device=device)
+                new = True
+        return event(compute) if new and cuda and copy is not compute else None
 
     def submit(k: int) -> None:
         slot = k % len(ring)
@@ -300,6 +337,7 @@ def stream_to_device(
     ahead = len(ring) - 1
     for k in range(min(ahead, len(batches))):
         submit(k)
+    allocated = allocate(0)
     with torch.cuda.device(device) if cuda else contextlib.nullcontext():
         for j, batch in enumerate(batches):
             ticket = tickets.popleft()
@@ -309,32 +347,33 @@ def stream_to_device(
             if timeline is not None:
                 a, b = ticket.times()
                 timeline.reads.append((a, b, sum(n for _, _, n, _ in batch)))
-                start = torch.cuda.Event(enable_timing=True)
-                start.record(stream)
             finished = []
-            for i, off, n, at in batch:
-                buf = buffers.get(i)
-                if buf is None:
-                    buf = buffers[i] = torch.empty(requests[i].nbytes, dtype=torch.uint8, device=device)
-                if n:
-                    buf[off : off + n].copy_(host[at : at + n], non_blocking=True)
-                remaining[i] -= n
-                if remaining[i] == 0:
-                    finished.append(i)
-            ev = torch.cuda.Event(enable_timing=timeline is not None) if cuda else None
-            if ev is not None:
-                ev.record(stream)
+            with torch.cuda.stream(copy) if cuda else contextlib.nullcontext():
+                if allocated is not None:
+                    copy.wait_event(allocated)
+                start = event(copy, True) if timeline is not None else None
+                for i, off, n, at in batch:
+                    if n:
+                        buffers[i][off : off + n].copy_(host[at : at + n], non_blocking=True)
+                    remaining[i] -= n
+                    if remaining[i] == 0:
+                        finished.append(i)
+                ev = event(copy, timeline is not None) if cuda else None
             ring.events[slot] = ev
             if timeline is not None:
                 timeline.copies.append((start, ev, sum(n for _, _, n, _ in batch)))
             if j + ahead < len(batches):
                 submit(j + ahead)
-            if finished and timeline is not None:
-                w0 = torch.cuda.Event(enable_timing=True)
-                w0.record(stream)
+            # the next batch's buffers, before this batch's callbacks queue work that frees blocks
+            allocated = allocate(j + 1) if j + 1 < len(batches) else None
+            if not finished:
+                continue
+            if cuda and copy is not compute:
+                compute.wait_event(ev)
+            w0 = event(compute, True) if timeline is not None else None
             for i in finished:
                 on_ready(requests[i].key, buffers.pop(i))
-            if finished and timeline is not None:
-                w1 = torch.cuda.Event(enable_timing=True)
-                w1.record(stream)
-                timeline.work.append((w0, w1))
+            if timeline is not None:
+                timeline.work.append((w0, event(compute, True)))
+    if cuda and copy is not compute:
+        compute.wait_stream(copy)
