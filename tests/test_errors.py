@@ -64,6 +64,18 @@ def test_every_exception_class_is_exported_and_a_fastq_error():
     assert defined == set(fastq.errors.__all__)
 
 
+@pytest.mark.parametrize("name", fastq.errors.__all__)
+def test_python_raised_errors_carry_path_and_tensor(name):
+    """Python-side sites raise ``Cls(message, path=..., tensor=...)``: the attributes are set (a path-like
+    becomes a str), the message stays the whole ``str()`` (an OSError or KeyError base would rewrite it),
+    and an error made without them has neither."""
+    cls = getattr(fastq.errors, name)
+    e = cls("/m/a.safetensors: tensor 'w': bad", path=Path("/m/a.safetensors"), tensor="w")
+    assert (e.path, e.tensor, str(e)) == ("/m/a.safetensors", "w", "/m/a.safetensors: tensor 'w': bad")
+    bare = cls("bad")
+    assert (bare.path, bare.tensor, str(bare)) == (None, None, "bad")
+
+
 def test_a_missing_class_fails_the_import():
     """The extension's init looks every class up: with one deleted, `import fastq._fastq` raises."""
     pkg = Path(fastq.__file__).parent

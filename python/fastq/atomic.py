@@ -46,9 +46,8 @@ def temp_folder(dst: str | os.PathLike) -> Path:
 
 def io_error(path: str | os.PathLike, e: OSError, doing: str = "cannot write it") -> FastqIOError:
     """A ``FastqIOError`` naming ``path``, with the errno of the ``OSError`` it stands for."""
-    path = os.fspath(path)
-    err = FastqIOError(f"{path}: {doing}: {e.strerror or e}")
-    err.path, err.errno = path, e.errno  # (no strerror or filename: OSError's str() would replace the message)
+    err = FastqIOError(f"{os.fspath(path)}: {doing}: {e.strerror or e}", path=path)
+    err.errno = e.errno  # (no strerror or filename: OSError's str() would replace the message)
     return err
 
 

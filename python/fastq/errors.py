@@ -4,6 +4,8 @@ each carries ``path`` (the file) and ``tensor`` (the tensor name) where the erro
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "CancelledError",
     "ConfigError",
@@ -28,10 +30,17 @@ __all__ = [
 
 
 class FastqError(Exception):
-    """Base class of every fastq error."""
+    """Base class of every fastq error: ``FastqError(message, path=..., tensor=...)``."""
 
     path: str | None = None
     tensor: str | None = None
+
+    def __init__(self, *args, path: str | os.PathLike | None = None, tensor: str | None = None):
+        super().__init__(*args)
+        if path is not None:
+            self.path = os.fspath(path)
+        if tensor is not None:
+            self.tensor = tensor
 
 
 class FastqIOError(FastqError, OSError):

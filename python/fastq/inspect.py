@@ -135,9 +135,7 @@ def _read_manifest(path: Path) -> dict:
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         m = None
     if not isinstance(m, dict) or not isinstance(m.get("shards", {}), dict):
-        err = HeaderError(f"{path}: not the manifest fastq convert writes (a JSON object with \"shards\")")
-        err.path = os.fspath(path)
-        raise err
+        raise HeaderError(f"{path}: not the manifest fastq convert writes (a JSON object with \"shards\")", path=path)
     return m
 
 

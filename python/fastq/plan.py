@@ -162,11 +162,9 @@ def make_plan(
         merged = sources.merged.get(name)
         if merged is not None:
             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-                err = FastqError(f"{ckpt.path}: '{name}' is quantized by bitsandbytes and assembled by transformers from "
-                                 f"{len(merged.pieces)} checkpoint tensors; fastq does not quantize assembled weights yet "
-                                 "(skip the module with llm_int8_skip_modules)")
-                err.path, err.tensor = ckpt.path, name
-                raise err
+                raise FastqError(f"{ckpt.path}: '{name}' is quantized by bitsandbytes and assembled by transformers "
+                                 f"from {len(merged.pieces)} checkpoint tensors; fastq does not quantize assembled "
+                                 "weights yet (skip the module with llm_int8_skip_modules)", path=ckpt.path, tensor=name)
             first = ckpt.meta(merged.pieces[0][0])
             _check_shape(name, t, first, merged.shape)
             dt = dtype_of.get(name) or _float_dtype(t)
@@ -182,10 +180,8 @@ def make_plan(
         quantized = isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and leaf == "weight"
         if src is None:
             if name in sources.unsupported:
-                err = FastqError(f"{ckpt.path}: transformers assembles '{name}' from several checkpoint tensors, "
-                                 f"and {sources.unsupported[name]}")
-                err.path, err.tensor = ckpt.path, name
-                raise err
+                raise FastqError(f"{ckpt.path}: transformers assembles '{name}' from several checkpoint tensors, "
+                                 f"and {sources.unsupported[name]}", path=ckpt.path, tensor=name)
             if quantized or isinstance(t, torch.nn.Parameter):
                 missing.append(name)
             continue
@@ -252,12 +248,11 @@ def _check_shape(name: str, skeleton: torch.Tensor, meta, checkpoint_shape) -> N
     """The model's parameter ``name`` must have the shape the checkpoint's tensor ``meta`` gives it
     (transformers refuses mismatched sizes too, unless ``ignore_mismatched_sizes``)."""
     if tuple(skeleton.shape) != tuple(checkpoint_shape):
-        err = ShapeError(
+        raise ShapeError(
             f"{meta.file}: tensor '{meta.name}' gives {name} the shape {list(checkpoint_shape)}, but the model "
-            f"built from the config expects {list(skeleton.shape)}. Does config.json match these weights?"
+            f"built from the config expects {list(skeleton.shape)}. Does config.json match these weights?",
+            path=meta.file, tensor=meta.name,
         )
-        err.path, err.tensor = meta.file, meta.name
-        raise err
 
 
 def _float_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -268,12 +263,11 @@ def check_complete(plan: Plan, where: str) -> None:
     """Raises if the checkpoint lacks parameters the model needs."""
     if plan.missing:
         shown = ", ".join(plan.missing[:8]) + (" ..." if len(plan.missing) > 8 else "")
-        err = FastqError(
+        raise FastqError(
             f"{where}: the checkpoint has no tensor for {len(plan.missing)} parameter(s) of the model: {shown}. "
-            "Is this the right checkpoint for this architecture?"
+            "Is this the right checkpoint for this architecture?",
+            path=where, tensor=plan.missing[0],
         )
-        err.path, err.tensor = where, plan.missing[0]
-        raise err
 
 
 def report_unused(plan: Plan, where: str) -> None:

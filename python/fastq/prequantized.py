@@ -23,9 +23,7 @@ _FLOAT_NAMES = ("float32", "float16", "bfloat16")
 
 def _fail(ckpt: Checkpoint, tensor: str, why: str) -> QuantStateError:
     file = ckpt.meta(tensor).file if tensor in ckpt else ckpt.path
-    err = QuantStateError(f"{file}: tensor '{tensor}': {why}")
-    err.path, err.tensor = file, tensor
-    return err
+    return QuantStateError(f"{file}: tensor '{tensor}': {why}", path=file, tensor=tensor)
 
 
 def read_quant_state(ckpt: Checkpoint, key: str) -> dict:

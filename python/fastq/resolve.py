@@ -8,7 +8,6 @@ they decide alike.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -97,9 +96,8 @@ def _saved_config(saved: dict, src: Source) -> QuantConfig:
     except ConfigFileError:
         raise
     except ConfigError as e:
-        err = ConfigFileError(f"{src.config_path}: its quantization_config is invalid: {e}")
-        err.path = os.fspath(src.config_path)
-        raise err from None
+        raise ConfigFileError(f"{src.config_path}: its quantization_config is invalid: {e}",
+                              path=src.config_path) from None
 
 
 def _explicit_dtype(dtype, qcfg: QuantConfig | None) -> bool:

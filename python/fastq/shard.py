@@ -296,9 +296,7 @@ def _start_4bit(ckpt, entries: list[Entry], spec, share: Share, threads, bar) ->
         try:
             rows = packed_rows(nbytes, spec.quant_storage)
         except ShapeError as e:
-            err = ShapeError(f"{meta.file}: '{meta.name}': {e}")
-            err.path, err.tensor = meta.file, meta.name
-            raise err from None
+            raise ShapeError(f"{meta.file}: '{meta.name}': {e}", path=meta.file, tensor=meta.name) from None
         e0, e1 = _elements(share, rows, per_row, n, share.rank)
         _, raw = _anonymous(nbytes)
         per_rank = [-(-b // bs) - -(-a // bs) for a, b in

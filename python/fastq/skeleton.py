@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
-import os
 import threading
 from pathlib import Path
 
@@ -42,9 +41,8 @@ def build_empty(folder, dtype: torch.dtype, trust_remote_code: bool = False) -> 
     try:
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (ValueError, TypeError, KeyError, StrictDataclassError) as e:
-        err = ConfigFileError(f"{config_path}: transformers cannot read it: {_first_lines(e, 2)}")
-        err.path = os.fspath(config_path)
-        raise err from e
+        raise ConfigFileError(f"{config_path}: transformers cannot read it: {_first_lines(e, 2)}",
+                              path=config_path) from e
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     try:
@@ -108,9 +106,8 @@ def _shape_error(e: BaseException, config_path: Path, config: dict) -> ShapeErro
     tensor = _tensor_being_built(e)
     what = f"tensor {tensor}" if tensor else "a tensor of the model"
     hint = f"; out of range in config.json: {', '.join(suspects)}" if suspects else ""
-    err = ShapeError(f"{config_path}: {what} cannot be made with the shape the config gives ({reason}){hint}")
-    err.path, err.tensor = os.fspath(config_path), tensor
-    return err
+    return ShapeError(f"{config_path}: {what} cannot be made with the shape the config gives ({reason}){hint}",
+                      path=config_path, tensor=tensor)
 
 
 def _tensor_being_built(e: BaseException, is_module=None) -> str | None:

@@ -31,14 +31,12 @@ QUANT_METHOD = "bitsandbytes"
 
 
 def _error(path: Path, message: str) -> ConfigFileError:
-    e = ConfigFileError(f"{path}: {message}")
-    e.path = os.fspath(path)
-    return e
+    return ConfigFileError(f"{path}: {message}", path=path)
 
 
 def _not_a_file(path: Path, expected: str) -> FastqIOError:
-    e = FastqIOError(f"{path}: a folder, where {expected} is expected")
-    e.path, e.errno = os.fspath(path), errno.EISDIR
+    e = FastqIOError(f"{path}: a folder, where {expected} is expected", path=path)
+    e.errno = errno.EISDIR
     return e
 
 
