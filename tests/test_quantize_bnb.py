@@ -629,11 +629,46 @@ def test_device_fill_quantize_is_bitsandbytes_quantize_4bit(quant_type, double_q
 
     w = torch.randn(96, 256, generator=gen(quant_type, double_quant, storage)).to(torch.bfloat16)
     spec = Spec4bit(quant_type=quant_type, blocksize=64, double_quant=double_quant, quant_storage=storage)
-    for _ in range(2):  # the second call uses the cached code
-        packed, state = _bnb_quantize(w, spec)
-        ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant,
-                                                quant_type=quant_type, quant_storage=storage)
+    # The second call uses the cached code; bitsandbytes makes it in torch's default dtype, which
+    # transformers sets to the model's while it builds one (the GPU warm-up runs then): a code cached
+    # under bfloat16 must not be handed out once the default is float32 again.
+    for default in (torch.float32, torch.float32, torch.bfloat16, torch.float32):
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            packed, state = _bnb_quantize(w, spec)
+            ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant,
+                                                    quant_type=quant_type, quant_storage=storage)
+        finally:
+            torch.set_default_dtype(old)
         assert packed.dtype == ref_packed.dtype and packed.shape == ref_packed.shape
         assert torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
-        assert _state_fields(state) == _state_fields(ref_state)
+        assert _state_fields(state) == _state_fields(ref_state), default
+        assert state.code.dtype == default
         assert state.code.data_ptr() != _bnb_quantize(w, spec)[1].code.data_ptr()  # a code per weight, as bnb
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("default", [torch.float32, torch.bfloat16])
+def test_saved_quant_state_is_bitsandbytes_from_dict(quant_type, double_quant, default):
+    """The GPU fill's pre-quantized install (install.saved_quant_state: the nested offset made on the
+    device, not uploaded) builds the ``QuantState`` that ``QuantState.from_dict`` builds from the same
+    saved statistics, every field - whatever torch's default dtype, which from_dict's offset follows."""
+    from fastq.install import saved_quant_state
+
+    w = torch.randn(64, 512, generator=gen(quant_type, double_quant, default)).to(torch.bfloat16)
+    _, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    saved = {f"model.w.{k}": v for k, v in state.as_dict(packed=True).items()}  # the keys of a checkpoint
+    assert any("quant_state" in k for k in saved)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        ref = F.QuantState.from_dict(dict(saved), torch.device("cpu"))
+        got = saved_quant_state(dict(saved), torch.device("cpu"))
+    finally:
+        torch.set_default_dtype(old)
+    assert _state_fields(got) == _state_fields(ref)
+    assert got.nested == ref.nested == double_quant
+    if double_quant:
+        assert got.offset.dtype == default and got.offset.shape == ()

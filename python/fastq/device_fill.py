@@ -18,7 +18,7 @@ from . import device_map as dmap_mod
 from .bnb_format import QUANT_STATE, SCB, WEIGHT_FORMAT, quant_state_stat
 from .checkpoint import SPEC_INT8
 from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
-from .transfer import Request, Timeline, stream_to_device
+from .transfer import Request, Timeline, reserve_cached, stream_to_device
 
 __all__ = ["cuda_device", "fill_on_device", "warm_kernels"]
 
@@ -39,16 +39,18 @@ def _weight(ckpt, name: str, buf: torch.Tensor) -> torch.Tensor:
     return buf.view(m.torch_dtype).view(m.shape)
 
 
-_CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
+_CODES: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
     """bitsandbytes' 16-value code of ``quant_type`` on ``device``, made once per process (its
     ``get_4bit_type`` builds it with ``torch.tensor(list, device=...)``: an upload from pageable memory,
-    which synchronizes the stream)."""
+    which synchronizes the stream). That call makes it in torch's default dtype, which is process-wide
+    and which transformers changes while it builds a model (the warm-up runs then): the cache is kept
+    per default dtype, so the code is always the one ``get_4bit_type`` would make at that moment."""
     import bitsandbytes.functional as bf
 
-    key = (quant_type, device)
+    key = (quant_type, device, torch.get_default_dtype())
     if key not in _CODES:
         _CODES[key] = bf.get_4bit_type(quant_type, device=device)
     return _CODES[key]
@@ -161,22 +163,13 @@ def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, 
             if on_placed is not None:
                 on_placed(e)
 
-    _reserve(dev, sum(r.nbytes for r in requests if _kept(parts[r.key[0]][0])))
+    reserve_cached(dev, sum(r.nbytes for r in requests if _kept(parts[r.key[0]][0])))
     stream_to_device(ckpt, requests, dev, on_ready, threads=threads, timeline=timeline)
 
 
 def _kept(e) -> bool:
     """Whether the entry's device buffers become its tensors as they are (not quantized or cast there)."""
     return e.kind in ("4bit-pre", "int8-pre") or (e.kind == "plain" and e.dtype is None)
-
-
-def _reserve(dev: torch.device, nbytes: int) -> None:
-    """Leaves one free block of ``nbytes`` in the caching allocator, so that the buffers that stay are
-    carved out of it. Each in a fresh segment of its own, a buffer would keep the tail of the segment's
-    2 MiB rounding when that tail is under 1 MiB (the allocator splits off only larger ones): 0.5 MiB for
-    each 21.5 MiB MLP weight of a 7B NF4 model, 48 MiB in all (BENCHMARKS.md, run 10)."""
-    if dev.type == "cuda" and nbytes > 0:
-        torch.empty(nbytes, dtype=torch.uint8, device=dev)  # freed at once: the block stays cached
 
 
 def _place(model, ckpt, e, got: dict, dev: torch.device, spec) -> None:
