@@ -7,13 +7,13 @@ int8 data, ``CB`` and ``SCB``. Moving them to a device moves the packed bytes an
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from .transfer import side_stream, to_device
+from .transfer import to_device
 
-__all__ = ["get_submodule", "prequantized_4bit", "prequantized_int8", "set_4bit", "set_int8", "set_plain"]
+__all__ = [
+    "get_submodule", "prequantized_4bit", "prequantized_int8", "saved_quant_state", "set_4bit", "set_int8", "set_plain",
+]
 
 
 def get_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -60,21 +60,43 @@ def set_4bit(module, packed: torch.Tensor, state, device) -> None:
 
 
 def prequantized_4bit(module, weight: torch.Tensor, stats: dict[str, torch.Tensor], device) -> None:
-    """Installs a 4-bit weight saved by transformers/bitsandbytes (``Params4bit.from_prequantized``).
-
-    On a GPU it runs on a stream of its own: ``QuantState.from_dict`` uploads the nested offset with
-    ``torch.tensor(x).to(device)``, whose stream sync would otherwise wait for every copy and kernel the
-    fill has queued (the tensors it is given are on the device already; nothing else is queued there)."""
+    """Installs a 4-bit weight saved by transformers/bitsandbytes, as ``Params4bit.from_prequantized``
+    does. When the ring has put the weight and its statistics on the GPU already, the ``QuantState`` is
+    ``saved_quant_state``'s (bitsandbytes' ``from_dict`` would upload the nested offset from pageable
+    memory, a stream sync at every module: the host then waits for every copy queued before it)."""
     import bitsandbytes as bnb
 
     device = _device(device)
-    with torch.cuda.stream(side_stream(device, "upload")) if device.type == "cuda" else contextlib.nullcontext():
-        w = bnb.nn.Params4bit.from_prequantized(
-            data=weight, quantized_stats=stats, requires_grad=False, device=device, module=module
-        )
-    if device.type == "cuda" and w.quant_state.offset is not None:
-        w.quant_state.offset.record_stream(torch.cuda.current_stream(device))  # allocated there, used here
+    if device.type == "cuda" and weight.device == device:
+        set_4bit(module, weight, saved_quant_state(stats, device), device)
+        return
+    w = bnb.nn.Params4bit.from_prequantized(
+        data=weight, quantized_stats=stats, requires_grad=False, device=device, module=module
+    )
     _set_weight(module, w)
+
+
+def saved_quant_state(stats: dict[str, torch.Tensor], device: torch.device):
+    """``QuantState.from_dict(stats, device)`` for statistics already on ``device``: the same fields from
+    the same JSON (bitsandbytes' ``unpack_tensor_to_dict``), the nested offset made on the device by a
+    fill of the same float rather than uploaded (tests/test_prequantized.py compares the two)."""
+    import bitsandbytes.functional as bf
+
+    qs = dict(stats)
+    for k in [k for k in qs if "quant_state" in k]:
+        qs.update(bf.unpack_tensor_to_dict(qs.pop(k)))
+    qs = {k.split(".")[-1]: v for k, v in qs.items()}
+    offset = state2 = None
+    if "nested_absmax" in qs:
+        # from_dict: torch.tensor(float(x)), in the default dtype, then .to(device)
+        offset = torch.full((), float(qs["nested_offset"]), dtype=torch.get_default_dtype(), device=device)
+        state2 = bf.QuantState(absmax=qs["nested_absmax"].to(device), blocksize=qs["nested_blocksize"],
+                               code=qs["nested_quant_map"].to(device), dtype=getattr(torch, qs["nested_dtype"]))
+    return bf.QuantState(
+        quant_type=qs["quant_type"], absmax=qs["absmax"].to(device), blocksize=qs["blocksize"],
+        code=qs["quant_map"].to(device), dtype=getattr(torch, qs["dtype"]),
+        shape=torch.Size(qs["shape"]) if qs["shape"] is not None else None, offset=offset, state2=state2,
+    )
 
 
 def set_int8(module, cb: torch.Tensor, scb: torch.Tensor, device) -> None:

@@ -26,7 +26,10 @@ import torch
 
 from . import _fastq
 
-__all__ = ["LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "prefetch_ring", "ring_for", "stream_to_device", "to_device"]
+__all__ = [
+    "LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "prefetch_ring", "reserve_cached", "ring_for", "side_stream",
+    "stream_to_device", "to_device",
+]
 
 #: Bytes per slot and slots in the ring: 4 x 64 MiB, three reads queued while the fourth slot is
 #: copied. 8 slots were slower on the H200 (7B NF4 0.88 s against 0.67 s: pinning 512 MiB while the
@@ -52,14 +55,23 @@ _STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}
 
 
 def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
-    """A stream of ``device`` kept for ``purpose`` ("copy": the ring's copies; "upload": the tiny
-    synchronous uploads bitsandbytes makes, so that their stream sync waits for nothing else), one per
-    device and process, made on first use."""
+    """A stream of ``device`` kept for ``purpose`` ("copy": the ring's copies), one per device and
+    process, made on first use."""
     with _RING_LOCK:
         key = (purpose, device.index if device.index is not None else torch.cuda.current_device())
         if key not in _STREAMS:
             _STREAMS[key] = torch.cuda.Stream(device)
         return _STREAMS[key]
+
+
+def reserve_cached(device: torch.device, nbytes: int) -> None:
+    """Leaves one free block of ``nbytes`` in the caching allocator of ``device``, so that the buffers
+    that stay after a load are carved out of it. Each in a fresh segment of its own, a buffer would keep
+    the tail of the segment's 2 MiB rounding when that tail is under 1 MiB (the allocator splits off only
+    larger ones): 0.5 MiB for each 21.5 MiB MLP weight of a 7B NF4 model, 48 MiB in all (BENCHMARKS.md,
+    runs 10-11)."""
+    if device.type == "cuda" and nbytes > 0:
+        torch.empty(nbytes, dtype=torch.uint8, device=device)  # freed at once: the block stays cached
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
