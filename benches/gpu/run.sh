@@ -13,6 +13,7 @@ timeout "${GPU_BENCH_TIMEOUT:-380}" python3 benches/gpu/compare.py --work /tmp/f
   2>&1 | tee "$OUT/compare.log" | grep -v '^{'
 # VARIANTS="FASTQ_COPY_STREAM=0;FASTQ_RING_SLOTS=6": the fq_* cases again under each ;-separated set of
 # environment assignments, load figures only (COMPARE_LOAD_ONLY), in the same call as the cases above
+mkdir -p "$OUT/variant"
 IFS=';' read -ra variants <<< "${VARIANTS:-}"
 fq_cases=(); for c in "$@"; do [[ $c == fq_* && $c != fq_convert* ]] && fq_cases+=("$c"); done
 for v in "${variants[@]}"; do
