@@ -9,6 +9,10 @@ benches/gpu/run.sh.
 
 from __future__ import annotations
 
+import gc
+import json
+import shutil
+
 import fastq
 import pytest
 import torch
@@ -73,8 +77,17 @@ def test_float32_checkpoint_cast_then_quantized_on_the_gpu(tiny_model, name):
     assert_identical(ref, got, "llama")
 
 
+@pytest.mark.parametrize("early", [True, False], ids=["early-reads", "reads-after-plan"])
 @pytest.mark.parametrize("name", ["nf4-dq", "fp4", "int8"])
-def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_path, name):
+def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_path, name, early, monkeypatch):
+    """Both ways in: the stored bytes streamed while the skeleton is built (device_fill.EarlyReads, the
+    default) or once the plan is made - the same model as transformers either way."""
+    import fastq.device_fill
+    import fastq.loader
+
+    monkeypatch.setattr(fastq.device_fill, "EARLY_READS", early)
+    started, real = [], fastq.loader.start_early_reads
+    monkeypatch.setattr(fastq.loader, "start_early_reads", lambda *a, **k: started.append(real(*a, **k)) or started[-1])
     folder = tiny_model("llama")
     cfg = transformers.BitsAndBytesConfig(**CONFIGS[name])
     auto_class("llama").from_pretrained(folder, quantization_config=cfg, device_map={"": 0}, dtype=DTYPE) \
@@ -85,6 +98,27 @@ def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_pat
     plain_ref = auto_class("llama").from_pretrained(folder, device_map={"": 0}, dtype=DTYPE)
     plain = fastq.load(folder, None, {"": 0}, dtype=DTYPE, progress=False)
     assert_identical(plain_ref, plain, "llama")
+    assert [s is not None for s in started] == [early, early]
+
+
+def test_a_load_failing_after_its_early_reads_started_stops_them(tiny_model, tmp_path):
+    """A checkpoint that lacks a layer its config.json asks for fails at the plan, after the early reads
+    began: the error names it, the reads' thread has ended and their buffers are freed."""
+    import threading
+
+    folder = tmp_path / "more-layers"
+    shutil.copytree(tiny_model("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] += 1
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(fastq.FastqError, match="no tensor for"):
+        fastq.load(folder, None, {"": 0}, dtype=DTYPE, progress=False)
+    assert not [t for t in threading.enumerate() if t.name == "fastq-early-reads"]
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
 
 
 def test_quantize_on_cpu_still_loads_onto_the_gpu(tiny_model):

@@ -104,3 +104,132 @@ def test_timeline_analysis_reads_gaps_and_overlaps():
     assert r["copy_device_overlap_s"] == 0.5
     assert r["reads_in_flight"] == (1.0 + 1.5 + 1.0) / 4.0
     assert r["read_end_to_copy_start_ms"] == 0.0  # waits of 0, 0 and 0 ms
+
+
+def test_a_stop_ends_the_stream_between_batches_and_frees_the_ring(ckpt):
+    """``stop`` is checked before each batch: set by the first callback, nothing after that batch is
+    handed over, no error; the ring is free for the next stream at once (its lock released)."""
+    ck, tensors = ckpt
+    import threading
+
+    order = ["small", "ints", "big"]  # 68 B, 1.2 MB, 1.4 MB: several 64 KiB batches after the first
+    reqs = [transfer.Request(n, n, ck.meta(n).nbytes) for n in order]
+    ring = transfer.PinnedRing(slot_bytes=64 << 10, slots=3, pin=False)
+    stop, got = threading.Event(), []
+
+    def on_ready(k, b):
+        got.append(k)
+        stop.set()
+
+    transfer.stream_to_device(ck, reqs, torch.device("cpu"), on_ready, ring=ring, threads=2, stop=stop)
+    assert got == ["small"]
+    assert not ring.lock.locked()
+    again = []
+    transfer.stream_to_device(ck, reqs, torch.device("cpu"), lambda k, b: again.append((k, b.clone())), ring=ring)
+    assert [k for k, _ in again] == order
+    assert torch.equal(again[2][1], tensors["big"].reshape(-1).view(torch.uint8))
+
+
+def test_an_error_in_a_callback_leaves_no_read_in_the_ring(ckpt):
+    """A callback that raises (an install refusing a tensor) ends the stream with its error, after the
+    reads still writing into the ring's slots ended; the ring is free again."""
+    ck, _ = ckpt
+    reqs = [transfer.Request(n, n, ck.meta(n).nbytes) for n in ["small", "ints", "big"]]
+    ring = transfer.PinnedRing(slot_bytes=64 << 10, slots=3, pin=False)
+
+    def on_ready(k, b):
+        raise fastq.QuantStateError(f"refused {k}")
+
+    with pytest.raises(fastq.QuantStateError, match="refused small"):
+        transfer.stream_to_device(ck, reqs, torch.device("cpu"), on_ready, ring=ring, threads=2)
+    assert not ring.lock.locked()
+
+
+def test_early_reads_hand_over_every_tensor_in_file_order(ckpt):
+    from fastq.device_fill import EarlyReads
+
+    ck, tensors = ckpt
+    early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
+    got = list(early.arrivals())
+    assert [n for n, _ in got] == ck.keys()
+    for name, buf in got:
+        assert torch.equal(buf, tensors[name].contiguous().reshape(-1).view(torch.uint8)), name
+    early.cancel()  # after the end: nothing to stop, returns
+
+
+def test_early_reads_raise_the_read_error_where_they_are_taken(ckpt, tmp_path):
+    from fastq.device_fill import EarlyReads
+
+    ck, _ = ckpt
+    path = tmp_path / "model.safetensors"
+    os.truncate(path, os.path.getsize(path) - 100)
+    early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
+    with pytest.raises(fastq.TruncatedShardError) as e:
+        list(early.arrivals())
+    assert e.value.tensor == ck.keys()[-1] and e.value.path == str(path)
+
+
+def test_cancelled_early_reads_end_their_arrivals_and_drop_their_buffers(ckpt):
+    from fastq.device_fill import EarlyReads
+
+    ck, _ = ckpt
+    early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
+    early.cancel()
+    assert not early._thread.is_alive()
+    assert [x for x in early._got if x is not None] == []
+    assert list(early.arrivals()) == []  # ends: no wait for tensors that will not come
+
+
+def test_take_early_gives_each_request_its_tensor_once():
+    """device_fill._take_early: a tensor two parameters read goes to both (a copy to the first), one no
+    parameter reads is dropped, and the requests the early reads did not serve are returned to be read:
+    those of tensors that did not arrive and those assembled from pieces."""
+    from fastq.device_fill import _take_early
+
+    bufs = {n: torch.arange(k, k + 4, dtype=torch.uint8) for k, n in enumerate(["a", "unused", "b"])}
+
+    class Early:
+        def arrivals(self):
+            yield from bufs.items()
+
+    reqs = [transfer.Request("a1", "a", 4), transfer.Request("b1", "b", 4), transfer.Request("a2", "a", 4),
+            transfer.Request("c1", "c", 4), transfer.Request("p", "a", 8, pieces=(("a", 0, 4), ("b", 4, 4)))]
+    got = {}
+    left = _take_early(Early(), reqs, lambda k, b: got.setdefault(k, b))
+    assert set(got) == {"a1", "a2", "b1"}
+    assert torch.equal(got["a1"], bufs["a"]) and torch.equal(got["a2"], bufs["a"])
+    assert got["a1"].data_ptr() != got["a2"].data_ptr()
+    assert got["b1"] is bufs["b"]
+    assert [r.key for r in left] == ["c1", "p"]
+
+
+def test_early_names_skip_host_read_stats_and_refuse_casts(tmp_path):
+    from fastq.device_fill import early_names
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        "norm.weight": torch.randn(8, generator=g).to(torch.bfloat16),
+        "q.weight": torch.randint(0, 255, (32, 1), dtype=torch.uint8, generator=g),
+        "q.weight.absmax": torch.rand(4, generator=g),
+        "q.weight.quant_map": torch.rand(16, generator=g),
+        "q.weight.quant_state.bitsandbytes__nf4": torch.zeros(10, dtype=torch.uint8),
+        "o.weight": torch.zeros(4, 4, dtype=torch.int8),
+        "o.SCB": torch.rand(4, generator=g),
+        "o.weight_format": torch.zeros(1, dtype=torch.uint8),
+        "pos": torch.arange(4),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    ck = fastq.open(tmp_path / "model.safetensors")
+    names = early_names(ck, torch.bfloat16)
+    assert names == [n for n in ck if n not in ("q.weight.quant_state.bitsandbytes__nf4", "o.weight_format")]
+    assert early_names(ck, torch.float16) is None  # norm.weight would be cast: not read early
+
+
+def test_single_device_is_known_before_the_model():
+    from fastq.device_map import default_device, single_device
+
+    assert single_device(None) == default_device()
+    assert single_device({"": 0}) == single_device(0) == single_device("cuda") == "cuda:0"
+    assert single_device(torch.device("cuda", 1)) == "cuda:1"
+    assert single_device("cpu") == single_device({"": "cpu"}) == "cpu"
+    assert single_device("auto") is None and single_device({"a": 0, "b": 1}) is None

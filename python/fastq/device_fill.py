@@ -5,22 +5,37 @@ calls transformers makes (``Params4bit._quantize``: ``quantize_4bit`` with compr
 transformers + bitsandbytes on the same GPU by construction, double-quant offsets and int8 included.
 
 Pre-quantized tensors (fastq's and transformers' checkpoints) and unquantized ones take the same
-ring straight into their parameters: no per-tensor copy from pageable memory.
+ring straight into their parameters: no per-tensor copy from pageable memory. Their bytes need no
+plan to be read, so when every tensor goes to one GPU they start streaming there while transformers
+builds the skeleton (``EarlyReads``), and the fill takes them as they arrive.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 
 import torch
 
 from . import device_map as dmap_mod
-from .bnb_format import QUANT_STATE, SCB, WEIGHT_FORMAT, quant_state_stat
+from .bnb_format import (
+    QUANT_STATE,
+    QUANT_STATE_SUFFIXES,
+    SCB,
+    WEIGHT_FORMAT,
+    quant_state_owner,
+    quant_state_stat,
+)
 from .checkpoint import SPEC_INT8
 from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .transfer import Request, Timeline, reserve_cached, stream_to_device
 
-__all__ = ["cuda_device", "fill_on_device", "warm_kernels"]
+__all__ = ["EarlyReads", "cuda_device", "early_names", "fill_on_device", "start_early_reads", "warm_kernels"]
+
+#: Stream a pre-quantized or unquantized checkpoint to its GPU while the skeleton is built ("1", the
+#: default) or only once the plan is made ("0").
+EARLY_READS = os.environ.get("FASTQ_EARLY_READS", "1") != "0"
 
 
 def cuda_device(dev) -> torch.device | None:
@@ -107,9 +122,93 @@ def warm_kernels(spec, device: torch.device) -> threading.Thread:
     return t
 
 
+class EarlyReads:
+    """Checkpoint tensors streamed through the ring to ``device`` by a thread of their own, before
+    anything knows which parameter each one fills: ``arrivals()`` hands them over in the order they
+    land. The thread works on the stream that was current where it was made, so work queued there
+    after a hand-over runs after the copies. ``cancel()`` stops it and drops what was not taken."""
+
+    def __init__(self, ckpt, device: torch.device, names: list[str], threads=None, timeline: Timeline | None = None):
+        self.device = device
+        self._got: list[tuple[str, torch.Tensor]] = []
+        self._taken = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        requests = [Request(n, n, ckpt.meta(n).nbytes) for n in names]
+        reserve_cached(device, sum(r.nbytes for r in requests))  # they all stay: one block, no tails
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None  # a CPU device: tests
+        self._thread = threading.Thread(target=self._run, args=(ckpt, requests, stream, threads, timeline),
+                                        daemon=True, name="fastq-early-reads")
+        self._thread.start()
+
+    def _run(self, ckpt, requests, stream, threads, timeline) -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                stream_to_device(ckpt, requests, self.device, self._arrived, threads=threads, timeline=timeline,
+                                 stop=self._stop)
+        except BaseException as e:  # noqa: BLE001 - raised again where the tensors are taken
+            self._error = e
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _arrived(self, name: str, buf: torch.Tensor) -> None:
+        with self._cond:
+            self._got.append((name, buf))
+            self._cond.notify_all()
+
+    def arrivals(self):
+        """Yields ``(tensor name, uint8 device buffer)`` as each lands, until all have; then raises what
+        stopped the stream, if anything did."""
+        while True:
+            with self._cond:
+                while self._taken == len(self._got) and not self._done:
+                    self._cond.wait()
+                if self._taken == len(self._got):
+                    break
+                item, self._got[self._taken] = self._got[self._taken], None
+                self._taken += 1
+            yield item
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """Stops the stream (the reads in flight end first) and frees what was not taken."""
+        self._stop.set()
+        self._thread.join()
+        with self._cond:
+            self._got, self._taken = [], 0
+
+
+def start_early_reads(ckpt, device_map, dtype: torch.dtype, threads=None, timeline: Timeline | None = None):
+    """``EarlyReads`` of ``early_names`` when ``device_map`` sends everything to one GPU; else None."""
+    dev = cuda_device(dmap_mod.single_device(device_map))
+    names = early_names(ckpt, dtype) if EARLY_READS and dev is not None else None
+    return EarlyReads(ckpt, dev, names, threads, timeline) if names else None
+
+
+def early_names(ckpt, dtype: torch.dtype) -> list[str] | None:
+    """The tensors a pre-quantized or unquantized load puts on its GPU as they are stored, in file
+    order; None when a stored float tensor would be cast to ``dtype`` (it would be held twice until the
+    plan is made). The ``QuantState`` JSONs and ``weight_format`` markers are read on the host."""
+    names = []
+    for name in ckpt:
+        if quant_state_owner(name) is not None or name.endswith("." + WEIGHT_FORMAT):
+            continue
+        dt = ckpt.meta(name).torch_dtype
+        stat = name.rpartition(".")[2] in (*QUANT_STATE_SUFFIXES, SCB)
+        if dt.is_floating_point and dt != dtype and not stat:
+            return None
+        names.append(name)
+    return names
+
+
 def fill_on_device(
     model, ckpt, entries, dmap: dict, spec, *, quantize: bool, threads=None, timeline: Timeline | None = None,
-    on_placed=None,
+    on_placed=None, early: EarlyReads | None = None,
 ) -> list:
     """Places the plan entries whose device is a GPU through the ring.
 
@@ -123,6 +222,7 @@ def fill_on_device(
         threads: reader threads.
         timeline: where to record the stages' spans.
         on_placed: called with each entry once its tensor is in place (progress).
+        early: the tensors already streaming to their GPU (``start_early_reads``), taken first.
 
     Returns:
         The entries left for the host path.
@@ -134,12 +234,15 @@ def fill_on_device(
             left.append(e)
         else:
             by_device.setdefault(dev, []).append(e)
+    if early is not None and early.device not in by_device:
+        early.cancel()
     for dev, group in by_device.items():
-        _fill_one(model, ckpt, group, dev, spec, threads, timeline, on_placed)
+        _fill_one(model, ckpt, group, dev, spec, threads, timeline, on_placed,
+                  early if early is not None and early.device == dev else None)
     return left
 
 
-def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, on_placed) -> None:
+def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, on_placed, early) -> None:
     requests, parts = [], {}
     for e in entries:
         if e.pieces:  # assembled from several checkpoint tensors into one device buffer
@@ -163,8 +266,27 @@ def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, 
             if on_placed is not None:
                 on_placed(e)
 
-    reserve_cached(dev, sum(r.nbytes for r in requests if _kept(parts[r.key[0]][0])))
+    if early is not None:
+        requests = _take_early(early, requests, on_ready)
+    else:
+        reserve_cached(dev, sum(r.nbytes for r in requests if _kept(parts[r.key[0]][0])))
     stream_to_device(ckpt, requests, dev, on_ready, threads=threads, timeline=timeline)
+
+
+def _take_early(early: EarlyReads, requests: list, on_ready) -> list:
+    """Hands each early buffer to the requests for its tensor as it lands (a copy to every one but the
+    last, when several parameters read one tensor; none when no parameter does, and it is freed);
+    returns the requests still to read (assembled ones, and any tensor the early reads did not bring)."""
+    wanted: dict[str, list] = {}
+    for r in requests:
+        if not r.pieces:
+            wanted.setdefault(r.tensor, []).append(r)
+    for name, buf in early.arrivals():
+        rs = wanted.pop(name, [])
+        for k, r in enumerate(rs):
+            on_ready(r.key, buf if k == len(rs) - 1 else buf.clone())
+    left = {id(r) for rs in wanted.values() for r in rs}
+    return [r for r in requests if r.pieces or id(r) in left]
 
 
 def _kept(e) -> bool:

@@ -9,7 +9,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["STRATEGIES", "check_offload", "cpu_only", "default_device", "device_of", "quantized_sizes", "resolve"]
+__all__ = ["STRATEGIES", "check_offload", "cpu_only", "default_device", "device_of", "quantized_sizes", "resolve", "single_device"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -24,6 +24,23 @@ def cpu_only(device_map) -> bool:
     if device_map is None:
         return not torch.cuda.is_available()
     return device_map in ("cpu", {"": "cpu"}) or device_map == torch.device("cpu")
+
+
+def single_device(device_map) -> str | None:
+    """The one device every tensor goes to when ``device_map`` as given says so before the model exists
+    (None, a device, or ``{"": device}``), normalized as ``resolve`` gives it; None for a strategy or a
+    map of several entries."""
+    if device_map is None:
+        return default_device()
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            return None
+        device_map = device_map[""]
+    if isinstance(device_map, str) and device_map in STRATEGIES:
+        return None
+    if isinstance(device_map, (int, str, torch.device)):
+        return _norm(device_map)
+    return None
 
 
 def _norm(value):

@@ -25,7 +25,7 @@ from . import shard as shard_mod
 from . import transfer
 from .checkpoint import Checkpoint
 from .config import QuantConfig
-from .device_fill import warm_kernels
+from .device_fill import start_early_reads, warm_kernels
 from .dispatch import finalize, raise_glibc_mmap_threshold
 from .errors import ConfigError
 from .logs import quiet_bitsandbytes
@@ -100,55 +100,62 @@ def load(
     cpu_only = dmap_mod.cpu_only(device_map)
     in_place = (inputs.prequantized or qcfg is None) and cpu_only and share is None  # a share is read by rows
     prefetch = start_prefetch(ckpt, threads) if in_place else None
-    warm = None
+    warm = early = None
     if not cpu_only and torch.cuda.is_available():
         transfer.prefetch_ring()  # pinning the ring overlaps building the skeleton
         if qcfg is not None and not inputs.prequantized and quantize_on != "cpu":
             warm = warm_kernels(qcfg.spec, torch.device("cuda", torch.cuda.current_device()))
-    caller_model = model is not None
-    if model is None and src.config_path is None:
-        raise ConfigError(f"{src.path}: no config.json beside the weights; pass model= (an empty model)")
-    with SKELETON_LOCK:
-        if model is None:
-            model = build_empty(src.folder, dtype, trust_remote_code)
-        hfq = replace_modules(model, qcfg, device_map, dtype) if qcfg is not None else None
-    timeline.mark("skeleton")
-    dmap = dmap_mod.resolve(model, device_map, max_memory, hfq)
-    if qcfg is not None:
-        quantized = quantized_modules(model)
-        offloaded = [m for m in quantized if dmap_mod.device_of(m, dmap) in ("cpu", "disk")]
-        mixed = {"cpu", "disk"} & set(dmap.values()) and set(dmap.values()) - {"cpu", "disk"}
-        if offloaded and mixed and qcfg.llm_int8_enable_fp32_cpu_offload and not isinstance(device_map, dict):
-            # A strategy put quantized modules on the CPU/disk: rebuild with them left unquantized.
-            if caller_model:
-                raise ConfigError(
-                    f"device_map={device_map!r} offloads quantized modules (e.g. '{offloaded[0]}') to the CPU or "
-                    "disk; with llm_int8_enable_fp32_cpu_offload they must stay unquantized, which needs the "
-                    "map before the modules are swapped: pass the resolved map as a dict "
-                    "(fastq.device_map.resolve on a fresh empty model gives it)"
+        elif share is None:  # stored bytes that go to one GPU as they are: read them while it is built
+            early = start_early_reads(ckpt, device_map, dtype, threads, timeline)
+    try:
+        caller_model = model is not None
+        if model is None and src.config_path is None:
+            raise ConfigError(f"{src.path}: no config.json beside the weights; pass model= (an empty model)")
+        with SKELETON_LOCK:
+            if model is None:
+                model = build_empty(src.folder, dtype, trust_remote_code)
+            hfq = replace_modules(model, qcfg, device_map, dtype) if qcfg is not None else None
+        timeline.mark("skeleton")
+        dmap = dmap_mod.resolve(model, device_map, max_memory, hfq)
+        if qcfg is not None:
+            quantized = quantized_modules(model)
+            offloaded = [m for m in quantized if dmap_mod.device_of(m, dmap) in ("cpu", "disk")]
+            mixed = {"cpu", "disk"} & set(dmap.values()) and set(dmap.values()) - {"cpu", "disk"}
+            if offloaded and mixed and qcfg.llm_int8_enable_fp32_cpu_offload and not isinstance(device_map, dict):
+                # A strategy put quantized modules on the CPU/disk: rebuild with them left unquantized.
+                if caller_model:
+                    raise ConfigError(
+                        f"device_map={device_map!r} offloads quantized modules (e.g. '{offloaded[0]}') to the CPU or "
+                        "disk; with llm_int8_enable_fp32_cpu_offload they must stay unquantized, which needs the "
+                        "map before the modules are swapped: pass the resolved map as a dict "
+                        "(fastq.device_map.resolve on a fresh empty model gives it)"
+                    )
+                return load(
+                    path, qcfg, dmap, model=None, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
+                    trust_remote_code=trust_remote_code, progress=progress, threads=threads, quantize_on=quantize_on,
                 )
-            return load(
-                path, qcfg, dmap, model=None, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
-                trust_remote_code=trust_remote_code, progress=progress, threads=threads, quantize_on=quantize_on,
+            dmap_mod.check_offload(dmap, quantized, qcfg.llm_int8_enable_fp32_cpu_offload)
+        plan = _plan(model, inputs)
+        if prefetch is not None:
+            prefetch.join()
+        timeline.mark("plan")
+        if share is not None:
+            offload_index = shard_mod.fill(model, ckpt, plan, qcfg, share, progress, threads)
+        else:
+            offload_index = fill(
+                model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads, prefetch is not None, quantize_on != "cpu",
+                early,
             )
-        dmap_mod.check_offload(dmap, quantized, qcfg.llm_int8_enable_fp32_cpu_offload)
-    plan = _plan(model, inputs)
-    if prefetch is not None:
-        prefetch.join()
-    timeline.mark("plan")
-    if share is not None:
-        offload_index = shard_mod.fill(model, ckpt, plan, qcfg, share, progress, threads)
-    else:
-        offload_index = fill(
-            model, ckpt, plan, dmap, qcfg, offload_folder, progress, threads, prefetch is not None, quantize_on != "cpu"
-        )
-    timeline.mark("fill")
-    if warm is not None:
-        warm.join()
-    raise_glibc_mmap_threshold()
-    finalize(model, plan, dmap, hfq, qcfg, offload_folder, offload_index)
-    timeline.mark("finalize")
-    return model
+        timeline.mark("fill")
+        if warm is not None:
+            warm.join()
+        raise_glibc_mmap_threshold()
+        finalize(model, plan, dmap, hfq, qcfg, offload_folder, offload_index)
+        timeline.mark("finalize")
+        return model
+    finally:
+        if early is not None:
+            early.cancel()  # a load that failed before its fill took them: stop the reads, free the buffers
 
 
 def _plan(model, inputs: Inputs) -> Plan:

@@ -39,11 +39,13 @@ def start_prefetch(ckpt: Checkpoint, threads) -> threading.Thread:
 
 def fill(
     model, ckpt: Checkpoint, plan: Plan, dmap: dict, qcfg, offload_folder, progress: bool, threads,
-    resident_already: bool = False, quantize_on_device: bool = True,
+    resident_already: bool = False, quantize_on_device: bool = True, early=None,
 ):
     """Places every tensor. Tensors bound for a GPU stream through the pinned ring (device_fill.py),
     quantized there unless asked otherwise; for the rest, the Rust pipeline quantizes in the background
     while the unquantized tensors are placed here; packed results are installed as they arrive.
+
+    ``early``: the tensors already streaming to the GPU (``device_fill.start_early_reads``).
 
     Returns:
         The index of the tensors offloaded to disk (accelerate's ``offload_index``; empty if none).
@@ -53,7 +55,7 @@ def fill(
         left = fill_on_device(
             model, ckpt, [e for e in plan.entries if e.kind != "tied"], dmap, qcfg.spec if qcfg else None,
             quantize=quantize_on_device, threads=threads, timeline=transfer.LAST_TIMELINE.timeline,
-            on_placed=lambda e: bar.update(e.nbytes),
+            on_placed=lambda e: bar.update(e.nbytes), early=early,
         )
         plan = Plan(left, plan.missing, plan.unused)
 

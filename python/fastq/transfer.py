@@ -107,6 +107,7 @@ class PinnedRing:
 
     def __init__(self, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS, pin: bool = True, method: str | None = None):
         self.slot_bytes = slot_bytes
+        self.lock = threading.Lock()  # held by the one stream_to_device using the ring
         self.events: list[torch.cuda.Event | None] = [None] * slots
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._errors: list[BaseException | None] = [None] * slots
@@ -295,11 +296,13 @@ def stream_to_device(
     threads: int | None = None,
     ring: PinnedRing | None = None,
     timeline: Timeline | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     """Moves the bytes of every request to ``device``, in order; calls ``on_ready(key, buffer)`` with a
     uint8 device tensor of the request's bytes as soon as its copies are queued (work the callback
-    queues on the current stream runs after them). Returns when every copy is queued; the caller
-    synchronizes before handing the results to a user.
+    queues on the current stream runs after them). Returns when every copy is queued, or early when
+    ``stop`` is set (checked before each batch); the caller synchronizes before handing the results to
+    a user. Whichever way it ends, an error included, no read is left writing into the ring.
 
     Stream order: the copies run on a stream of their own; the current stream waits for a batch's
     copies before the callbacks of the requests it completed. A buffer is allocated on the current
@@ -347,45 +350,54 @@ def stream_to_device(
         tickets.append(reader.submit(pieces, ring.array(slot)))
 
     ahead = len(ring) - 1
-    for k in range(min(ahead, len(batches))):
-        submit(k)
-    allocated = allocate(0)
-    with torch.cuda.device(device) if cuda else contextlib.nullcontext():
-        for j, batch in enumerate(batches):
-            ticket = tickets.popleft()
-            ticket.wait()
-            slot = j % len(ring)
-            host = ring.buffer(slot)
-            if timeline is not None:
-                a, b = ticket.times()
-                timeline.reads.append((a, b, sum(n for _, _, n, _ in batch)))
-            finished = []
-            with torch.cuda.stream(copy) if cuda else contextlib.nullcontext():
-                if allocated is not None:
-                    copy.wait_event(allocated)
-                start = event(copy, True) if timeline is not None else None
-                for i, off, n, at in batch:
-                    if n:
-                        buffers[i][off : off + n].copy_(host[at : at + n], non_blocking=True)
-                    remaining[i] -= n
-                    if remaining[i] == 0:
-                        finished.append(i)
-                ev = event(copy, timeline is not None) if cuda else None
-            ring.events[slot] = ev
-            if timeline is not None:
-                timeline.copies.append((start, ev, sum(n for _, _, n, _ in batch)))
-            if j + ahead < len(batches):
-                submit(j + ahead)
-            # the next batch's buffers, before this batch's callbacks queue work that frees blocks
-            allocated = allocate(j + 1) if j + 1 < len(batches) else None
-            if not finished:
-                continue
-            if cuda and copy is not compute:
-                compute.wait_event(ev)
-            w0 = event(compute, True) if timeline is not None else None
-            for i in finished:
-                on_ready(requests[i].key, buffers.pop(i))
-            if timeline is not None:
-                timeline.work.append((w0, event(compute, True)))
-    if cuda and copy is not compute:
-        compute.wait_stream(copy)
+    ring.lock.acquire()  # two loads at once (threads) take turns with the process's ring
+    try:
+        for k in range(min(ahead, len(batches))):
+            submit(k)
+        allocated = allocate(0)
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+            for j, batch in enumerate(batches):
+                if stop is not None and stop.is_set():
+                    break
+                ticket = tickets.popleft()
+                ticket.wait()
+                slot = j % len(ring)
+                host = ring.buffer(slot)
+                if timeline is not None:
+                    a, b = ticket.times()
+                    timeline.reads.append((a, b, sum(n for _, _, n, _ in batch)))
+                finished = []
+                with torch.cuda.stream(copy) if cuda else contextlib.nullcontext():
+                    if allocated is not None:
+                        copy.wait_event(allocated)
+                    start = event(copy, True) if timeline is not None else None
+                    for i, off, n, at in batch:
+                        if n:
+                            buffers[i][off : off + n].copy_(host[at : at + n], non_blocking=True)
+                        remaining[i] -= n
+                        if remaining[i] == 0:
+                            finished.append(i)
+                    ev = event(copy, timeline is not None) if cuda else None
+                ring.events[slot] = ev
+                if timeline is not None:
+                    timeline.copies.append((start, ev, sum(n for _, _, n, _ in batch)))
+                if j + ahead < len(batches):
+                    submit(j + ahead)
+                # the next batch's buffers, before this batch's callbacks queue work that frees blocks
+                allocated = allocate(j + 1) if j + 1 < len(batches) else None
+                if not finished:
+                    continue
+                if cuda and copy is not compute:
+                    compute.wait_event(ev)
+                w0 = event(compute, True) if timeline is not None else None
+                for i in finished:
+                    on_ready(requests[i].key, buffers.pop(i))
+                if timeline is not None:
+                    timeline.work.append((w0, event(compute, True)))
+    finally:
+        for ticket in tickets:  # reads still writing into ring slots (after an error or a stop): let them end
+            with contextlib.suppress(Exception):
+                ticket.wait()
+        if cuda and copy is not compute:
+            compute.wait_stream(copy)
+        ring.lock.release()
