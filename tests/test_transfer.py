@@ -233,3 +233,38 @@ def test_single_device_is_known_before_the_model():
     assert single_device(torch.device("cuda", 1)) == "cuda:1"
     assert single_device("cpu") == single_device({"": "cpu"}) == "cpu"
     assert single_device("auto") is None and single_device({"a": 0, "b": 1}) is None
+
+
+def test_early_reads_shorten_the_gil_switch_interval_while_they_run():
+    """device_fill._prompt_gil: the first of overlapping early reads sets the short interval, the last
+    to end restores the caller's - whatever order they end in."""
+    import sys
+
+    from fastq import device_fill
+
+    old = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        a, b = device_fill._prompt_gil(), device_fill._prompt_gil()
+        a.__enter__()
+        assert sys.getswitchinterval() == pytest.approx(device_fill.EARLY_SWITCH_INTERVAL)
+        b.__enter__()
+        a.__exit__(None, None, None)
+        assert sys.getswitchinterval() == pytest.approx(device_fill.EARLY_SWITCH_INTERVAL)
+        b.__exit__(None, None, None)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_early_reads_restore_the_interval_when_they_end(ckpt):
+    import sys
+
+    from fastq.device_fill import EarlyReads
+
+    ck, _ = ckpt
+    old = sys.getswitchinterval()
+    early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
+    assert len(list(early.arrivals())) == len(ck.keys())
+    early.cancel()
+    assert sys.getswitchinterval() == old

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 
 import torch
@@ -122,6 +123,33 @@ def warm_kernels(spec, device: torch.device) -> threading.Thread:
     return t
 
 
+#: The GIL switch interval while early reads run (CPython's default is 5 ms).
+EARLY_SWITCH_INTERVAL = 2e-4
+_SWITCH_LOCK = threading.Lock()
+_switch = {"active": 0, "saved": 0.0}
+
+
+@contextlib.contextmanager
+def _prompt_gil():
+    """A shorter GIL switch interval while early reads run. They run beside the skeleton's build, pure
+    Python that holds the GIL; each of their steps (queue a copy, hand a slot back to a read) needs the
+    GIL for microseconds, and waited up to the 5 ms default for it: 3.9 GB of copies then crawled at
+    21 GB/s (BENCHMARKS.md, run 11). Process-wide; the first early reads to start save the interval,
+    the last to end restore it."""
+    with _SWITCH_LOCK:
+        if _switch["active"] == 0:
+            _switch["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch["saved"], EARLY_SWITCH_INTERVAL))
+        _switch["active"] += 1
+    try:
+        yield
+    finally:
+        with _SWITCH_LOCK:
+            _switch["active"] -= 1
+            if _switch["active"] == 0:
+                sys.setswitchinterval(_switch["saved"])
+
+
 class EarlyReads:
     """Checkpoint tensors streamed through the ring to ``device`` by a thread of their own, before
     anything knows which parameter each one fills: ``arrivals()`` hands them over in the order they
@@ -145,7 +173,7 @@ class EarlyReads:
 
     def _run(self, ckpt, requests, stream, threads, timeline) -> None:
         try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            with _prompt_gil(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 stream_to_device(ckpt, requests, self.device, self._arrived, threads=threads, timeline=timeline,
                                  stop=self._stop)
         except BaseException as e:  # noqa: BLE001 - raised again where the tensors are taken
