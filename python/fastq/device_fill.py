@@ -5,9 +5,11 @@ calls transformers makes (``Params4bit._quantize``: ``quantize_4bit`` with compr
 transformers + bitsandbytes on the same GPU by construction, double-quant offsets and int8 included.
 
 Pre-quantized tensors (fastq's and transformers' checkpoints) and unquantized ones take the same
-ring straight into their parameters: no per-tensor copy from pageable memory. Their bytes need no
-plan to be read, so when every tensor goes to one GPU they start streaming there while transformers
-builds the skeleton (``EarlyReads``), and the fill takes them as they arrive.
+ring straight into their parameters: no per-tensor copy from pageable memory. An unquantized
+checkpoint needs no plan to be read, so when every tensor goes to one GPU it starts streaming there
+while transformers builds the skeleton (``EarlyReads``), and the fill takes the tensors as they arrive.
+A pre-quantized one does not (measured: its ~1,400 small statistics tensors, each a few Python steps,
+fought the skeleton's build for the GIL and made the load slower, BENCHMARKS.md run 11).
 """
 
 from __future__ import annotations
@@ -20,14 +22,7 @@ import threading
 import torch
 
 from . import device_map as dmap_mod
-from .bnb_format import (
-    QUANT_STATE,
-    QUANT_STATE_SUFFIXES,
-    SCB,
-    WEIGHT_FORMAT,
-    quant_state_owner,
-    quant_state_stat,
-)
+from .bnb_format import QUANT_STATE, SCB, WEIGHT_FORMAT, quant_state_stat
 from .checkpoint import SPEC_INT8
 from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .transfer import Request, Timeline, reserve_cached, stream_to_device
@@ -212,25 +207,19 @@ class EarlyReads:
 
 
 def start_early_reads(ckpt, device_map, dtype: torch.dtype, threads=None, timeline: Timeline | None = None):
-    """``EarlyReads`` of ``early_names`` when ``device_map`` sends everything to one GPU; else None."""
+    """``EarlyReads`` of an unquantized load's ``early_names`` when ``device_map`` sends everything to
+    one GPU; else None."""
     dev = cuda_device(dmap_mod.single_device(device_map))
     names = early_names(ckpt, dtype) if EARLY_READS and dev is not None else None
     return EarlyReads(ckpt, dev, names, threads, timeline) if names else None
 
 
 def early_names(ckpt, dtype: torch.dtype) -> list[str] | None:
-    """The tensors a pre-quantized or unquantized load puts on its GPU as they are stored, in file
-    order; None when a stored float tensor would be cast to ``dtype`` (it would be held twice until the
-    plan is made). The ``QuantState`` JSONs and ``weight_format`` markers are read on the host."""
-    names = []
-    for name in ckpt:
-        if quant_state_owner(name) is not None or name.endswith("." + WEIGHT_FORMAT):
-            continue
-        dt = ckpt.meta(name).torch_dtype
-        stat = name.rpartition(".")[2] in (*QUANT_STATE_SUFFIXES, SCB)
-        if dt.is_floating_point and dt != dtype and not stat:
-            return None
-        names.append(name)
+    """Every tensor of an unquantized checkpoint, in file order; None when a stored float tensor would be
+    cast to ``dtype`` (it would be held twice until the plan is made)."""
+    names = list(ckpt)
+    if any(ckpt.meta(n).torch_dtype.is_floating_point and ckpt.meta(n).torch_dtype != dtype for n in names):
+        return None
     return names
 
 

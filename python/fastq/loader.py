@@ -105,7 +105,7 @@ def load(
         transfer.prefetch_ring()  # pinning the ring overlaps building the skeleton
         if qcfg is not None and not inputs.prequantized and quantize_on != "cpu":
             warm = warm_kernels(qcfg.spec, torch.device("cuda", torch.cuda.current_device()))
-        elif share is None:  # stored bytes that go to one GPU as they are: read them while it is built
+        elif qcfg is None and share is None:  # unquantized bytes for one GPU: read them while it is built
             early = start_early_reads(ckpt, device_map, dtype, threads, timeline)
     try:
         caller_model = model is not None
