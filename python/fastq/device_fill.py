@@ -29,8 +29,8 @@ from .transfer import Request, Timeline, reserve_cached, stream_to_device
 
 __all__ = ["EarlyReads", "cuda_device", "early_names", "fill_on_device", "start_early_reads", "warm_kernels"]
 
-#: Stream a pre-quantized or unquantized checkpoint to its GPU while the skeleton is built ("1", the
-#: default) or only once the plan is made ("0").
+#: Stream an unquantized checkpoint to its GPU while the skeleton is built ("1", the default) or only
+#: once the plan is made ("0").
 EARLY_READS = os.environ.get("FASTQ_EARLY_READS", "1") != "0"
 
 
