@@ -258,3 +258,31 @@ def test_early_reads_restore_the_interval_when_they_end(ckpt):
     assert len(list(early.arrivals())) == len(ck.keys())
     early.cancel()
     assert sys.getswitchinterval() == old
+
+
+def test_gpu_compare_samples_anonymous_and_file_backed_peaks(tmp_path):
+    """benches/gpu/compare.py's HostSampler: memory touched while it runs shows in its kind's peak -
+    anonymous for private pages, shared for a shared mapping, file-backed for a mapped file read through."""
+    import importlib.util
+    import mmap
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benches" / "gpu" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    size = 64 << 20
+    f = tmp_path / "blob"
+    f.write_bytes(b"\1" * size)
+    before = mod.HostSampler()
+    base = before.stop()
+    sampler = mod.HostSampler()
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    with mmap.mmap(-1, size, flags=private) as anon, mmap.mmap(-1, size) as shared, open(f, "rb") as fh, \
+            mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        anon.write(b"\2" * size)  # fresh private pages, written: resident (not reused heap)
+        shared.write(b"\3" * size)  # a shared anonymous mapping: shmem
+        assert sum(m[i] for i in range(0, size, 4096)) == size // 4096  # every page of the file read
+        peak = sampler.stop()
+    for kind in ("anon", "shmem", "file"):
+        assert peak[kind] - base[kind] >= 0.9 * size / 1e9, kind

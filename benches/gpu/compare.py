@@ -15,8 +15,9 @@ cache, then runs each case in a fresh subprocess (imports excluded from the timi
   cold_tf_nf4 / cold_fq_nf4        NF4 + double quant with the checkpoint dropped from the page cache
 fastq cases also report the phases of the load (skeleton, plan, fill, finalize) and the ring's
 timeline (read / copy / device busy time and GB/s, first start and last end of each).
-Each case reports load seconds, GPU peak, host peak RSS, a greedy-generation speed with bitsandbytes'
-kernels, and the last-position logits of a fixed prompt (compared across cases at the end).
+Each case reports load seconds, GPU peak (allocated, reserved, after), host memory (peak RSS; peaks of
+anonymous, file-backed and shared memory; pinned memory: torch's host allocator, fastq's ring), a greedy-generation
+speed with bitsandbytes' kernels, and the last-position logits of a fixed prompt (compared across cases at the end).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def run_case(case: str, ckpt: Path, pre: Path, pre8: Path, out: Path) -> dict:
     torch.cuda.init()
     torch.zeros(1, device="cuda")
     base_rss = _rss_now()
-    sampler = _AnonSampler()
+    sampler = HostSampler()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -157,11 +158,14 @@ def run_case(case: str, ckpt: Path, pre: Path, pre8: Path, out: Path) -> dict:
         raise SystemExit(f"unknown case {case}")
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t
-    anon_peak = sampler.stop()
+    host = sampler.stop()
     gpu_peak = torch.cuda.max_memory_allocated() / 1e9
     gpu_reserved = torch.cuda.max_memory_reserved() / 1e9
     gpu_after = torch.cuda.memory_allocated() / 1e9
-    extra = {"anon_peak_gb": anon_peak, "gpu_reserved_peak_gb": gpu_reserved, "gpu_allocated_after_gb": gpu_after}
+    extra = {"anon_peak_gb": host["anon"], "file_peak_gb": host["file"], "shmem_peak_gb": host["shmem"],
+             "pinned_torch_gb": pinned_torch_gb(), "gpu_reserved_peak_gb": gpu_reserved, "gpu_allocated_after_gb": gpu_after}
+    if case.startswith(("fq", "cold_fq")):  # fastq's ring (registered by default: not in torch's allocator)
+        extra["ring_gb"] = fastq.transfer.SLOTS * fastq.transfer.SLOT_BYTES / 1e9
     tl = fastq.transfer.LAST_TIMELINE.timeline if case.startswith(("fq", "cold_fq")) else None
     if tl is not None:
         extra["phases"] = tl.phases()
@@ -218,32 +222,53 @@ def _rss_now() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
-class _AnonSampler:
-    """Peak anonymous resident memory of this process (RssAnon, sampled every 5 ms), in GB."""
+class HostSampler:
+    """Peak resident memory of this process by kind - anonymous (RssAnon), file-backed (RssFile: the
+    mapped checkpoint), shared (RssShmem) - sampled every 5 ms from /proc/self/status, in GB."""
+
+    KINDS = (("RssAnon:", "anon"), ("RssFile:", "file"), ("RssShmem:", "shmem"))
 
     def __init__(self):
         import threading
 
-        self.peak, self.done = 0, False
+        self.peak = {kind: 0 for _, kind in self.KINDS}
+        self.done = False
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
 
-    def _read(self) -> int:
+    def _read(self) -> dict[str, int]:
+        fields, out = dict(self.KINDS), {}
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+                parts = line.split()
+                if parts and parts[0] in fields:
+                    out[fields[parts[0]]] = int(parts[1]) * 1024
+        return out
+
+    def _sample(self) -> None:
+        for k, v in self._read().items():
+            self.peak[k] = max(self.peak[k], v)
 
     def _run(self):
         while not self.done:
-            self.peak = max(self.peak, self._read())
+            self._sample()
             time.sleep(0.005)
 
-    def stop(self) -> float:
+    def stop(self) -> dict[str, float]:
         self.done = True
         self.t.join()
-        return max(self.peak, self._read()) / 1e9
+        self._sample()
+        return {k: v / 1e9 for k, v in self.peak.items()}
+
+
+def pinned_torch_gb() -> float:
+    """Pinned host memory torch's caching host allocator holds now (``pin_memory``, ``cudaHostAlloc``)."""
+    import torch
+
+    try:
+        return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 1e9
+    except (AttributeError, RuntimeError):  # older torch, or no CUDA
+        return 0.0
 
 
 def drop_cache(path: Path) -> None:
@@ -329,14 +354,15 @@ def main() -> None:
                 rel = max(abs(x - y) / abs(x) for x, y in pairs if x)
                 print(f"  offset: max {max(ulps)} float32 ulp apart (max relative {rel:.2g}); "
                       f"{sum(u == 1 for u in ulps)} modules 1 ulp, {sum(u > 1 for u in ulps)} more")
-    print("case         load_s  gpu_peak/reserved/after_GB  anon_peak_GB  rss_peak_GB  tok/s  phases / ring")
+    print("case         load_s  gpu_peak/reserved/after_GB  anon/file_peak_GB  rss_peak_GB  tok/s  phases / ring")
     for r in results:
         ring = r.get("ring", {})
         ring_s = " ".join(f"{k}:{v['busy_s']:.2f}s@{v.get('GBps', 0):.0f}GB/s[{v['start']:.2f}-{v['end']:.2f}]"
                           for k, v in ring.items())
         ph = " ".join(f"{k}={v:.2f}" for k, v in r.get("phases", {}).items())
         print(f"{r['case']:<12} {r['load_s']:6.2f}  {r.get('gpu_peak_gb', 0):6.2f}/{r.get('gpu_reserved_peak_gb', 0):6.2f}/"
-              f"{r.get('gpu_allocated_after_gb', 0):6.3f}  {r.get('anon_peak_gb', 0):8.2f}  {r['rss_gb']:8.2f}  "
+              f"{r.get('gpu_allocated_after_gb', 0):6.3f}  {r.get('anon_peak_gb', 0):6.2f}/{r.get('file_peak_gb', 0):6.2f}  "
+              f"{r['rss_gb']:8.2f}  "
               f"{r.get('tok_s', 0):5.1f}  {ph} {ring_s}")
 
 
