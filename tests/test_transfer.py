@@ -4,14 +4,29 @@ GPU half (pinned slots, events, quantizing on the device) is tests/test_gpu.py, 
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import mmap
 import os
+import sys
+import threading
+from pathlib import Path
 
 import fastq
 import pytest
 import torch
-from fastq import transfer
+from fastq import device_fill, transfer
+from fastq.device_fill import EarlyReads, _take_early, early_names
+from fastq.device_map import default_device, single_device
 from safetensors.torch import save_file
+
+
+def _gpu_bench(name: str):
+    """The module benches/gpu/<name>.py (the GPU machine's scripts; their analysis runs anywhere)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benches" / "gpu" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture
@@ -85,13 +100,7 @@ def test_reader_refuses_a_read_only_or_too_small_destination(ckpt):
 
 def test_timeline_analysis_reads_gaps_and_overlaps():
     """benches/gpu/timeline.py on a timeline whose figures are known by construction."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benches" / "gpu" / "timeline.py"
-    spec = importlib.util.spec_from_file_location("timeline", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _gpu_bench("timeline")
     r = mod.analyse({
         "read": [[0.0, 1.0], [0.5, 2.0], [3.0, 4.0]],  # in flight 0-2 and 3-4: a gap of 1 s
         "copy": [[1.0, 1.5], [2.0, 3.5], [4.0, 4.5]],  # busy through the whole gap
@@ -110,8 +119,6 @@ def test_a_stop_ends_the_stream_between_batches_and_frees_the_ring(ckpt):
     """``stop`` is checked before each batch: set by the first callback, nothing after that batch is
     handed over, no error; the ring is free for the next stream at once (its lock released)."""
     ck, tensors = ckpt
-    import threading
-
     order = ["small", "ints", "big"]  # 68 B, 1.2 MB, 1.4 MB: several 64 KiB batches after the first
     reqs = [transfer.Request(n, n, ck.meta(n).nbytes) for n in order]
     ring = transfer.PinnedRing(slot_bytes=64 << 10, slots=3, pin=False)
@@ -146,8 +153,6 @@ def test_an_error_in_a_callback_leaves_no_read_in_the_ring(ckpt):
 
 
 def test_early_reads_hand_over_every_tensor_in_file_order(ckpt):
-    from fastq.device_fill import EarlyReads
-
     ck, tensors = ckpt
     early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
     got = list(early.arrivals())
@@ -158,8 +163,6 @@ def test_early_reads_hand_over_every_tensor_in_file_order(ckpt):
 
 
 def test_early_reads_raise_the_read_error_where_they_are_taken(ckpt, tmp_path):
-    from fastq.device_fill import EarlyReads
-
     ck, _ = ckpt
     path = tmp_path / "model.safetensors"
     os.truncate(path, os.path.getsize(path) - 100)
@@ -170,8 +173,6 @@ def test_early_reads_raise_the_read_error_where_they_are_taken(ckpt, tmp_path):
 
 
 def test_cancelled_early_reads_end_their_arrivals_and_drop_their_buffers(ckpt):
-    from fastq.device_fill import EarlyReads
-
     ck, _ = ckpt
     early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
     early.cancel()
@@ -184,8 +185,6 @@ def test_take_early_gives_each_request_its_tensor_once():
     """device_fill._take_early: a tensor two parameters read goes to both (a copy to the first), one no
     parameter reads is dropped, and the requests the early reads did not serve are returned to be read:
     those of tensors that did not arrive and those assembled from pieces."""
-    from fastq.device_fill import _take_early
-
     bufs = {n: torch.arange(k, k + 4, dtype=torch.uint8) for k, n in enumerate(["a", "unused", "b"])}
 
     class Early:
@@ -204,8 +203,6 @@ def test_take_early_gives_each_request_its_tensor_once():
 
 
 def test_early_names_are_the_file_order_unless_a_tensor_would_be_cast(tmp_path):
-    from fastq.device_fill import early_names
-
     g = torch.Generator().manual_seed(3)
     tensors = {"norm.weight": torch.randn(8, generator=g).to(torch.bfloat16), "pos": torch.arange(4),
                "embed.weight": torch.randn(4, 8, generator=g).to(torch.bfloat16)}
@@ -216,8 +213,6 @@ def test_early_names_are_the_file_order_unless_a_tensor_would_be_cast(tmp_path):
 
 
 def test_single_device_is_known_before_the_model():
-    from fastq.device_map import default_device, single_device
-
     assert single_device(None) == default_device()
     assert single_device({"": 0}) == single_device(0) == single_device("cuda") == "cuda:0"
     assert single_device(torch.device("cuda", 1)) == "cuda:1"
@@ -228,10 +223,6 @@ def test_single_device_is_known_before_the_model():
 def test_early_reads_shorten_the_gil_switch_interval_while_they_run():
     """device_fill._prompt_gil: the first of overlapping early reads sets the short interval, the last
     to end restores the caller's - whatever order they end in."""
-    import sys
-
-    from fastq import device_fill
-
     old = sys.getswitchinterval()
     try:
         sys.setswitchinterval(0.004)
@@ -248,10 +239,6 @@ def test_early_reads_shorten_the_gil_switch_interval_while_they_run():
 
 
 def test_early_reads_restore_the_interval_when_they_end(ckpt):
-    import sys
-
-    from fastq.device_fill import EarlyReads
-
     ck, _ = ckpt
     old = sys.getswitchinterval()
     early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
@@ -263,14 +250,7 @@ def test_early_reads_restore_the_interval_when_they_end(ckpt):
 def test_gpu_compare_samples_anonymous_and_file_backed_peaks(tmp_path):
     """benches/gpu/compare.py's HostSampler: memory touched while it runs shows in its kind's peak -
     anonymous for private pages, shared for a shared mapping, file-backed for a mapped file read through."""
-    import importlib.util
-    import mmap
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benches" / "gpu" / "compare.py"
-    spec = importlib.util.spec_from_file_location("compare", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _gpu_bench("compare")
     size = 64 << 20
     f = tmp_path / "blob"
     f.write_bytes(b"\1" * size)
