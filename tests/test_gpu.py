@@ -102,6 +102,34 @@ def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_pat
     assert [s is not None for s in started] == [early]  # the plain load's; none for the pre-quantized
 
 
+@pytest.mark.parametrize("name", ["nf4-dq", "int8"])
+def test_a_gpu_load_whose_tensors_share_blocks_saves_as_transformers_does(tiny_model, tmp_path, name):
+    """A pre-quantized reload (every tensor kept as read: neighbours in a slot are views of one device
+    block, transfer.Request.shared) saved by ``fastq.save`` and by transformers' ``save_pretrained``:
+    the tensors of the checkpoint it was loaded from, byte for byte, and they load back identical."""
+    from safetensors.torch import load_file
+
+    folder = tiny_model("llama")
+    cfg = transformers.BitsAndBytesConfig(**CONFIGS[name])
+    auto_class("llama").from_pretrained(folder, quantization_config=cfg, device_map={"": 0}, dtype=DTYPE) \
+        .save_pretrained(tmp_path / "pre")
+    ref = auto_class("llama").from_pretrained(tmp_path / "pre", device_map={"": 0}, dtype=DTYPE)
+    got = fastq.load(tmp_path / "pre", None, {"": 0}, dtype=DTYPE, progress=False)
+    assert_identical(ref, got, "llama")
+    ptrs = {}
+    for p in got.state_dict().values():
+        ptrs.setdefault(p.untyped_storage().data_ptr(), []).append(p)
+    assert max(len(v) for v in ptrs.values()) > 1  # the case this test is for: tensors sharing a block
+    got.save_pretrained(tmp_path / "tf")  # (transformers 5.17 cannot save its own pre-quantized reload:
+    fastq.save(got, tmp_path / "fq")  # Bnb4bitDeserialize has no reverse op; the reference is the checkpoint)
+    want = load_file(tmp_path / "pre" / "model.safetensors")
+    for out in ("tf", "fq"):
+        have = load_file(tmp_path / out / "model.safetensors")
+        assert sorted(have) == sorted(want), out
+        assert all(torch.equal(_bytes(have[k]), _bytes(want[k])) for k in want), out
+        assert_identical(ref, fastq.load(tmp_path / out, None, {"": 0}, dtype=DTYPE, progress=False), "llama")
+
+
 def test_a_load_failing_after_its_early_reads_started_stops_them(tiny_model, tmp_path):
     """A checkpoint that lacks a layer its config.json asks for fails at the plan, after the early reads
     began: the error names it, the reads' thread has ended and their buffers are freed."""

@@ -57,6 +57,32 @@ def test_every_byte_lands_in_its_buffer_in_order(ckpt, slot_bytes):
         assert torch.equal(buf, ref), name
 
 
+@pytest.mark.parametrize("slot_bytes", [4096, 1 << 20, 8 << 20])
+def test_shared_requests_next_to_each_other_are_views_of_one_block(ckpt, slot_bytes):
+    """Whole shared requests next to each other in a slot land in one device block (one allocation, one
+    copy), each an ALIGN-aligned view of its own bytes; a request that spans slots, or is not shared,
+    keeps a buffer of its own - and every byte is where it was."""
+    ck, tensors = ckpt
+    order = ["small", "ints", "small", "big", "small", "empty", "small"]
+    shared = [True, True, True, True, False, True, True]
+    reqs = [transfer.Request(i, n, ck.meta(n).nbytes, shared=s) for i, (n, s) in enumerate(zip(order, shared))]
+    ring = transfer.PinnedRing(slot_bytes=slot_bytes, slots=2, pin=False)
+    got = {}
+    transfer.stream_to_device(ck, reqs, torch.device("cpu"), lambda k, b: got.__setitem__(k, b), ring=ring, threads=2)
+    for i, name in enumerate(order):
+        assert torch.equal(got[i], tensors[name].contiguous().reshape(-1).view(torch.uint8)), (i, name)
+    batches = list(transfer._batches(reqs, slot_bytes))
+    whole = {i: k for k, b in enumerate(batches) for i, off, n, _ in b if n and off == 0 and n == reqs[i].nbytes}
+    for i, j in itertools.combinations(range(len(reqs)), 2):
+        one = got[i].untyped_storage().data_ptr() == got[j].untyped_storage().data_ptr()
+        neighbours = all(shared[k] and k in whole and whole[k] == whole[i] for k in range(i, j + 1))
+        assert one == (neighbours and reqs[i].nbytes > 0 and reqs[j].nbytes > 0), (i, j)
+    assert all(got[i].storage_offset() % transfer.ALIGN == 0 for i in got)
+    if slot_bytes == 8 << 20:  # everything fits one slot: the first four share, "small" (not shared) does not
+        assert got[0].untyped_storage().data_ptr() == got[3].untyped_storage().data_ptr()
+        assert got[4].untyped_storage().data_ptr() != got[3].untyped_storage().data_ptr()
+
+
 def test_batches_split_large_tensors_and_cover_each_once():
     reqs = [transfer.Request(i, str(i), n) for i, n in enumerate([10, 0, 25, 7, 8])]
     batches = list(transfer._batches(reqs, 8))

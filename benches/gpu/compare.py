@@ -13,7 +13,7 @@ cache, then runs each case in a fresh subprocess (imports excluded from the timi
   tf_plain / fq_plain / st_plain   the bf16 checkpoint with no quantization (st: safetensors' load_file
                      of each shard to the GPU, the plain reader)
   cold_tf_nf4 / cold_fq_nf4        NF4 + double quant with the checkpoint dropped from the page cache
-fastq cases also report the phases of the load (skeleton, plan, fill, finalize) and the ring's
+fastq cases also report the phases of the load (resolve, skeleton, plan, fill, finalize) and the ring's
 timeline (read / copy / device busy time and GB/s, first start and last end of each).
 Each case reports load seconds, GPU peak (allocated, reserved, after), host memory (peak RSS; peaks of
 anonymous, file-backed and shared memory; pinned memory: torch's host allocator, fastq's ring), a greedy-generation
@@ -301,6 +301,7 @@ def main() -> None:
     ap.add_argument("--case")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     ckpt, pre, pre8 = work / "llama7b", work / "llama7b-nf4", work / "llama7b-int8"
     if args.case:
         print("RESULT " + json.dumps(run_case(args.case, ckpt, pre, pre8, out)), flush=True)

@@ -12,10 +12,13 @@ timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest tests/test_gpu.py tests/tes
 timeout "${GPU_BENCH_TIMEOUT:-380}" python3 benches/gpu/compare.py --work /tmp/fastq-gpu --out "$OUT" "$@" \
   2>&1 | tee "$OUT/compare.log" | grep -v '^{'
 # VARIANTS="FASTQ_COPY_STREAM=0;FASTQ_RING_SLOTS=6": the fq_* cases again under each ;-separated set of
-# environment assignments, load figures only (COMPARE_LOAD_ONLY), in the same call as the cases above
+# environment assignments, load figures only (COMPARE_LOAD_ONLY), in the same call as the cases above;
+# VARIANT_CASES="fq_pre fq_plain" runs only those under each variant
 mkdir -p "$OUT/variant"
 IFS=';' read -ra variants <<< "${VARIANTS:-}"
 fq_cases=(); for c in "$@"; do [[ $c == fq_* && $c != fq_convert* ]] && fq_cases+=("$c"); done
+# shellcheck disable=SC2206 # a list of case names
+[[ -n ${VARIANT_CASES:-} ]] && fq_cases=(${VARIANT_CASES})
 for v in "${variants[@]}"; do
   [[ -z $v || ${#fq_cases[@]} -eq 0 ]] && continue
   echo "## variant: $v" | tee -a "$OUT/variants.log"

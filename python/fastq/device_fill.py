@@ -25,7 +25,7 @@ from . import device_map as dmap_mod
 from .bnb_format import QUANT_STATE, SCB, WEIGHT_FORMAT, quant_state_stat
 from .checkpoint import SPEC_INT8
 from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
-from .transfer import Request, Timeline, reserve_cached, stream_to_device
+from .transfer import Request, Timeline, device_bytes, reserve_cached, stream_to_device
 
 __all__ = ["EarlyReads", "cuda_device", "early_names", "fill_on_device", "start_early_reads", "warm_kernels"]
 
@@ -159,8 +159,8 @@ class EarlyReads:
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        requests = [Request(n, n, ckpt.meta(n).nbytes) for n in names]
-        reserve_cached(device, sum(r.nbytes for r in requests))  # they all stay: one block, no tails
+        requests = [Request(n, n, ckpt.meta(n).nbytes, shared=True) for n in names]  # all kept as they are
+        reserve_cached(device, device_bytes(requests))  # they all stay: one block, no tails
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None  # a CPU device: tests
         self._thread = threading.Thread(target=self._run, args=(ckpt, requests, stream, threads, timeline),
                                         daemon=True, name="fastq-early-reads")
@@ -271,7 +271,7 @@ def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, 
             names += [(k, v) for k, v in e.extra.items() if k not in (QUANT_STATE, WEIGHT_FORMAT)]
         parts[id(e)] = (e, {}, len(names))
         for part, src in names:
-            requests.append(Request((id(e), part, src), src, ckpt.meta(src).nbytes))
+            requests.append(Request((id(e), part, src), src, ckpt.meta(src).nbytes, shared=_kept(model, e)))
 
     def on_ready(key, buf: torch.Tensor) -> None:
         eid, part, src = key
@@ -286,7 +286,7 @@ def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, 
     if early is not None:
         requests = _take_early(early, requests, on_ready)
     else:
-        reserve_cached(dev, sum(r.nbytes for r in requests if _kept(parts[r.key[0]][0])))
+        reserve_cached(dev, device_bytes(r for r in requests if r.shared))
     stream_to_device(ckpt, requests, dev, on_ready, threads=threads, timeline=timeline)
 
 
@@ -306,9 +306,16 @@ def _take_early(early: EarlyReads, requests: list, on_ready) -> list:
     return [r for r in requests if r.pieces or id(r) in left]
 
 
-def _kept(e) -> bool:
-    """Whether the entry's device buffers become its tensors as they are (not quantized or cast there)."""
-    return e.kind in ("4bit-pre", "int8-pre") or (e.kind == "plain" and e.dtype is None)
+def _kept(model, e) -> bool:
+    """Whether the entry's device buffers become its tensors as they are: not quantized or cast there,
+    nor handed to a ``QuantizedExperts``, which quantizes them per expert and drops the bytes."""
+    if e.kind in ("4bit-pre", "int8-pre"):
+        return True
+    if e.kind != "plain" or e.dtype is not None:
+        return False
+    from .experts import QuantizedExperts
+
+    return not isinstance(get_submodule(model, e.module), QuantizedExperts)
 
 
 def _place(model, ckpt, e, got: dict, dev: torch.device, spec) -> None:

@@ -91,18 +91,21 @@ def load(
     if share is not None:
         device_map = "cpu"  # fully_shard moves each rank's shard to its device
     timeline = transfer.LAST_TIMELINE.reset()
+    cpu_only = dmap_mod.cpu_only(device_map)
+    gpu = not cpu_only and torch.cuda.is_available()
+    if gpu:
+        transfer.prefetch_ring()  # pinning the ring overlaps opening the checkpoint and building the skeleton
     # A caller's empty model keeps its own dtype unless one is asked for (then every floating tensor is
     # cast to it, as accelerate's load_and_quantize_model casts to torch_dtype).
     inputs = resolve_inputs(path, cfg, dtype, model)
     src, ckpt, qcfg, dtype = inputs.source, inputs.ckpt, inputs.qcfg, inputs.dtype
+    timeline.mark("resolve")
     # A checkpoint read in place on the CPU (pre-quantized or plain) is made resident in the background,
     # with the GIL released, while the model skeleton is built below.
-    cpu_only = dmap_mod.cpu_only(device_map)
     in_place = (inputs.prequantized or qcfg is None) and cpu_only and share is None  # a share is read by rows
     prefetch = start_prefetch(ckpt, threads) if in_place else None
     warm = early = None
-    if not cpu_only and torch.cuda.is_available():
-        transfer.prefetch_ring()  # pinning the ring overlaps building the skeleton
+    if gpu:
         if qcfg is not None and not inputs.prequantized and quantize_on != "cpu":
             warm = warm_kernels(qcfg.spec, torch.device("cuda", torch.cuda.current_device()))
         elif qcfg is None and share is None:  # unquantized bytes for one GPU: read them while it is built

@@ -10,7 +10,6 @@ transfer.py). A checkpoint read in place on the CPU is made resident ahead of us
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 
@@ -65,7 +64,7 @@ def fill(
     jobs = [(e.source, qcfg.spec, e.transpose, e.dtype) for e in quantized]
     pending = {e.source: e for e in quantized}
     results = ckpt.quantize(jobs, threads=threads) if jobs else iter(())
-    _reserve_packed(ckpt, quantized, dmap, qcfg)
+    _reserve_packed(model, quantized, dmap)
     # Tensors used in place on the CPU (zero-copy views of the mapping) are made resident now, in
     # parallel, rather than faulted in page by page on first use.
     resident = [
@@ -130,15 +129,16 @@ def gather(ckpt: Checkpoint, e, threads) -> torch.Tensor:
     return buf.view(ckpt.meta(e.source).torch_dtype).view(e.shape)
 
 
-def _reserve_packed(ckpt: Checkpoint, quantized, dmap: dict, qcfg) -> None:
+def _reserve_packed(model, quantized, dmap: dict) -> None:
     """Room in each GPU's allocator cache for the packed weights the host path will copy there (one block,
-    not a 2 MiB-rounded segment per weight: ``transfer.reserve_cached``)."""
-    per_device: dict[torch.device, int] = {}
-    for e in quantized:
-        dev = cuda_device(dmap_mod.device_of(e.name, dmap))
-        if dev is not None:
-            n = math.prod(ckpt.meta(e.source).shape)
-            per_device[dev] = per_device.get(dev, 0) + (n if qcfg.is_8bit else (n + 1) // 2)
+    not a 2 MiB-rounded segment per weight: ``transfer.reserve_cached``), sized by
+    ``device_map.quantized_sizes``."""
+    gpu = [(e, dev) for e in quantized if (dev := cuda_device(dmap_mod.device_of(e.name, dmap))) is not None]
+    if not gpu:
+        return
+    sizes, per_device = dmap_mod.quantized_sizes(model), {}
+    for e, dev in gpu:
+        per_device[dev] = per_device.get(dev, 0) + sizes[e.name][0]
     for dev, nbytes in per_device.items():
         transfer.reserve_cached(dev, nbytes)
 

@@ -27,8 +27,8 @@ import torch
 from . import _fastq
 
 __all__ = [
-    "LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "prefetch_ring", "reserve_cached", "ring_for", "side_stream",
-    "stream_to_device", "to_device",
+    "ALIGN", "LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "copy_stream", "device_bytes", "prefetch_ring",
+    "reserve_cached", "ring_for", "stream_to_device", "to_device",
 ]
 
 #: Bytes per slot and slots in the ring: 4 x 64 MiB, three reads queued while the fourth slot is
@@ -51,14 +51,13 @@ SLOTS = _env_int("FASTQ_RING_SLOTS", 4)
 
 #: Copies on a stream of their own ("1", the default) or on the caller's stream ("0", as before run 10).
 COPY_STREAM = os.environ.get("FASTQ_COPY_STREAM", "1") != "0"
-_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}
+_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
-    """A stream of ``device`` kept for ``purpose`` ("copy": the ring's copies), one per device and
-    process, made on first use."""
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream the ring's copies run on, one per device and process, made on first use."""
     with _RING_LOCK:
-        key = (purpose, device.index if device.index is not None else torch.cuda.current_device())
+        key = device.index if device.index is not None else torch.cuda.current_device()
         if key not in _STREAMS:
             _STREAMS[key] = torch.cuda.Stream(device)
         return _STREAMS[key]
@@ -169,16 +168,36 @@ def prefetch_ring() -> PinnedRing:
     return ring_for()
 
 
+#: Where each request starts in a slot, and so in a device block that several share: cudaMalloc's own
+#: alignment, so a tensor carved out of a shared block is aligned as one allocated alone.
+ALIGN = 256
+
+
+#: Shared requests next to each other in a slot share one device block ("1", the default) or each get
+#: a buffer of their own ("0", as before run 12).
+SHARED_BLOCKS = os.environ.get("FASTQ_SHARED_BLOCKS", "1") != "0"
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
 @dataclass
 class Request:
     """A tensor whose bytes go to one fresh device buffer; ``key`` is handed back with the buffer.
     With ``pieces`` (``(tensor, offset, nbytes)`` each, covering the buffer), the buffer is assembled
-    from several checkpoint tensors (fused MoE experts) and ``tensor`` is unused."""
+    from several checkpoint tensors (fused MoE experts) and ``tensor`` is unused. ``shared``: the
+    buffer is kept as it is (it becomes a parameter or statistic), so it may be a view of one device
+    block that the shared requests next to it in the same slot share - one allocation and one copy for
+    all of them rather than one each (a pre-quantized 7B checkpoint is ~1,600 tensors, most of them
+    statistics of a few KiB; BENCHMARKS.md, run 12). A buffer that is quantized or cast and then
+    dropped must not be shared: its block would stay allocated as long as its neighbours live."""
 
     key: object
     tensor: str
     nbytes: int
     pieces: tuple[tuple[str, int, int], ...] = ()
+    shared: bool = False
 
     def reads(self, off: int, n: int, at: int):
         """The reads ``(tensor, tensor offset, len, slot offset)`` that bring bytes ``off..off+n`` of the
@@ -266,11 +285,17 @@ class _Last:
 LAST_TIMELINE = _Last()
 
 
+def device_bytes(requests: Iterable[Request]) -> int:
+    """Device bytes the requests' buffers take, each rounded up to ``ALIGN`` as in a shared block."""
+    return sum(_aligned(r.nbytes) for r in requests)
+
+
 def _batches(requests: list[Request], slot_bytes: int):
     """Splits the requests into slot-sized batches of pieces ``(request index, offset, len, slot offset)``;
-    a tensor larger than a slot spans several batches."""
+    a tensor larger than a slot spans several batches. Each request starts at a multiple of ``ALIGN``."""
     batch, used = [], 0
     for i, r in enumerate(requests):
+        used = min(_aligned(used), slot_bytes)
         if r.nbytes == 0:
             batch.append((i, 0, 0, used))
             continue
@@ -315,7 +340,7 @@ def stream_to_device(
     ring = ring or (ring_for() if cuda else PinnedRing(slot_bytes=1 << 20, pin=False))
     reader = _fastq.Reader(ckpt.native, threads)
     compute = torch.cuda.current_stream(device) if cuda else None
-    copy = (side_stream(device, "copy") if COPY_STREAM else compute) if cuda else None
+    copy = (copy_stream(device) if COPY_STREAM else compute) if cuda else None
     if not cuda:
         timeline = None
     if timeline is not None and timeline.base is None:
@@ -324,6 +349,7 @@ def stream_to_device(
         timeline.base_time = time.time()
     batches = list(_batches(requests, ring.slot_bytes))
     buffers: dict[int, torch.Tensor] = {}
+    blocks: dict[int, tuple[list, set]] = {}  # batch -> (shared blocks (block, slot start, end), their requests)
     remaining = [r.nbytes for r in requests]
     tickets: deque = deque()
 
@@ -333,12 +359,35 @@ def stream_to_device(
         return ev
 
     def allocate(j: int):
-        """Device buffers for the requests batch ``j`` starts; the event the copy stream waits for."""
+        """Device buffers for the requests batch ``j`` starts (runs of whole shared requests next to each
+        other in the slot: views of one block); the event the copy stream waits for."""
+        made, covered, run = [], set(), []
+
+        def close_run() -> None:
+            if len(run) > 1:
+                start, end = run[0][1], run[-1][1] + run[-1][2]
+                block = torch.empty(end - start, dtype=torch.uint8, device=device)
+                for i, at, n in run:
+                    buffers[i] = block[at - start : at - start + n]
+                    covered.add(i)
+                made.append((block, start, end))
+            elif run:
+                buffers[run[0][0]] = torch.empty(run[0][2], dtype=torch.uint8, device=device)
+            run.clear()
+
         new = False
-        for i, *_ in batches[j]:
-            if i not in buffers:
+        for i, off, n, at in batches[j]:
+            if i in buffers:  # the rest of a request an earlier batch started
+                close_run()
+                continue
+            new = True
+            if SHARED_BLOCKS and requests[i].shared and off == 0 and 0 < n == requests[i].nbytes:
+                run.append((i, at, n))
+            else:
+                close_run()
                 buffers[i] = torch.empty(requests[i].nbytes, dtype=torch.uint8, device=device)
-                new = True
+        close_run()
+        blocks[j] = (made, covered)
         return event(compute) if new and cuda and copy is not compute else None
 
     def submit(k: int) -> None:
@@ -371,8 +420,11 @@ def stream_to_device(
                     if allocated is not None:
                         copy.wait_event(allocated)
                     start = event(copy, True) if timeline is not None else None
+                    made, covered = blocks.pop(j)
+                    for block, a, b in made:
+                        block.copy_(host[a:b], non_blocking=True)
                     for i, off, n, at in batch:
-                        if n:
+                        if n and i not in covered:
                             buffers[i][off : off + n].copy_(host[at : at + n], non_blocking=True)
                         remaining[i] -= n
                         if remaining[i] == 0:
