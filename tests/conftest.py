@@ -100,6 +100,41 @@ def tiny_config(family: str):
     raise KeyError(f"unknown family {family!r}; one of {sorted(FAMILIES)}")
 
 
+#: Double quant against transformers on the CPU: fastq's offset is the GPU's (torch's CUDA float32 sum of
+#: the absmax, in its order: test_quantize_bnb.py), transformers' there is torch's CPU sum, a few float32
+#: ulps away (2 at most on the tiny models here); each nested absmax (the largest |absmax - offset| of
+#: 256 values) moves with it.
+OFFSET_ULPS = 3
+
+
+def float32_ulps(a, b) -> int:
+    """The largest distance between ``a`` and ``b`` (float32 tensors or numbers, of one sign), in ulps."""
+    x, y = (torch.as_tensor(v, dtype=torch.float32).reshape(-1).view(torch.int32).long() for v in (a, b))
+    assert x.shape == y.shape
+    return int((x - y).abs().max()) if x.numel() else 0
+
+
+def nested_stat_close(key: str, ref: torch.Tensor, got: torch.Tensor) -> bool:
+    """For a double-quant statistic of transformers' CPU state dict (``ref``) and fastq's (``got``):
+    asserts they agree as the offsets allow and returns True; False for any other tensor. The nested
+    absmax within ``OFFSET_ULPS``; the quant_state JSON equal but for ``nested_offset``, within
+    ``OFFSET_ULPS``. (The nested codes, one step apart on a few entries, are the callers'.)"""
+    import json
+
+    if key.endswith(".nested_absmax"):
+        assert ref.dtype == got.dtype == torch.float32 and ref.shape == got.shape, key
+        assert float32_ulps(ref, got) <= OFFSET_ULPS, f"{key}: {float32_ulps(ref, got)} ulps apart"
+        return True
+    if ".quant_state.bitsandbytes__" in key:
+        qa, qb = (json.loads(bytes(t.contiguous().reshape(-1).view(torch.uint8).tolist())) for t in (ref, got))
+        oa, ob = qa.pop("nested_offset", None), qb.pop("nested_offset", None)
+        assert qa == qb and (oa is None) == (ob is None), key
+        if oa is not None:
+            assert float32_ulps(oa, ob) <= OFFSET_ULPS, f"{key}: nested_offset {oa} vs {ob}"
+        return True
+    return False
+
+
 def build_tiny(family: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """A tiny ``family`` model with seeded random weights, in ``dtype``, in eval mode."""
     import transformers

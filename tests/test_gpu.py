@@ -161,6 +161,17 @@ def test_quantize_on_cpu_still_loads_onto_the_gpu(tiny_model):
     assert_identical(ref, got, "llama")  # NF4 without double quant: the CPU kernels give CUDA's bytes
 
 
+def test_quantize_on_cpu_with_double_quant_is_the_gpus(tiny_model):
+    """The CPU's double-quant offset sums the absmax as torch's CUDA ``mean()`` does
+    (rust/core/quant/cuda_mean.rs), and its nested codes round as the CUDA kernel: with double quant
+    too, fastq's CPU kernels give every byte transformers gets quantizing on this GPU."""
+    folder = tiny_model("llama")
+    cfg = transformers.BitsAndBytesConfig(**CONFIGS["nf4-dq"])
+    ref = auto_class("llama").from_pretrained(folder, quantization_config=cfg, device_map={"": 0}, dtype=DTYPE)
+    got = fastq.load(folder, cfg, {"": 0}, dtype=DTYPE, progress=False, quantize_on="cpu")
+    assert_identical(ref, got, "llama")
+
+
 def test_the_ring_records_a_timeline_of_overlapping_stages(tiny_model):
     fastq.load(tiny_model("llama"), transformers.BitsAndBytesConfig(**CONFIGS["nf4-dq"]), {"": 0}, dtype=DTYPE,
                progress=False)

@@ -1,5 +1,5 @@
 //! Double quantization of the 4-bit statistics (bitsandbytes' `compress_statistics=True`):
-//! offset = mean(absmax); (absmax - offset) is quantized blockwise (blocksize 256) to 8 bits against the
+//! offset = mean(absmax) (summed in the GPU's order: cuda_mean.rs); (absmax - offset) is quantized blockwise (blocksize 256) to 8 bits against the
 //! signed dynamic map (`create_dynamic_map(signed=True)`), with one f32 absmax per 256-block.
 //!
 //! The rounding is the CUDA kernel's (`csrc/kernels.cu`, `kQuantizeBlockwise` with `General8bit` and
@@ -8,6 +8,7 @@
 //! rounds through a 65,536-entry lookup table instead and disagrees on about 0.2% of the codes; a model
 //! quantized on the GPU by transformers holds the CUDA codes, so those are the ones fastq writes.
 
+use super::cuda_mean::{cuda_mean, H100_RESIDENT_BLOCKS};
 use super::tables::DYNAMIC_SIGNED_BITS;
 
 /// Block size of the nested quantization (fixed by bitsandbytes).
@@ -29,12 +30,14 @@ pub struct Nested {
     pub offset: f32,
 }
 
-/// Mean of the absmax values, accumulated in f64 and rounded once to f32. torch's f32 `mean()` sums in
-/// an order that depends on the CPU's vector width and thread count, so no fixed order can match it on
-/// every machine; the correctly rounded mean is within an ulp or two of it.
+/// The offset: the absmax's float32 mean summed as torch sums it on an H100 or H200 (`cuda_mean`), so a
+/// conversion on the CPU writes the offset a GPU would. Where that float32 sum overflows (absmax near
+/// f32::MAX; the GPU's offset is then inf and its nested statistics NaN) the mean is accumulated in f64
+/// instead, so the model stays usable.
 pub fn mean_offset(absmax: &[f32]) -> f32 {
-    if absmax.is_empty() {
-        return 0.0;
+    let m = cuda_mean(absmax, H100_RESIDENT_BLOCKS);
+    if m.is_finite() || absmax.iter().any(|a| !a.is_finite()) {
+        return m;
     }
     let s: f64 = absmax.iter().map(|&a| a as f64).sum();
     (s / absmax.len() as f64) as f32

@@ -2,6 +2,7 @@
 //! statistics, and LLM.int8 row-wise. Each format has a scalar reference implementation and fast ones
 //! (AVX-512 or AVX2 on x86-64, whichever the CPU has); tests compare them.
 
+pub mod cuda_mean;
 pub mod double;
 pub mod fourbit;
 pub mod int8;
