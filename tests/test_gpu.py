@@ -59,6 +59,18 @@ def assert_identical(ref, got, family: str) -> None:
     assert torch.equal(_outputs(ref, family), _outputs(got, family))
 
 
+def reload_prequantized(folder, pre, name: str):
+    """transformers quantizes ``folder`` on the GPU (``CONFIGS[name]``) and saves it to ``pre``; fastq's
+    reload of ``pre`` is checked identical to transformers' reload; returns both, (transformers, fastq)."""
+    cfg = transformers.BitsAndBytesConfig(**CONFIGS[name])
+    auto_class("llama").from_pretrained(folder, quantization_config=cfg, device_map={"": 0}, dtype=DTYPE) \
+        .save_pretrained(pre)
+    ref = auto_class("llama").from_pretrained(pre, device_map={"": 0}, dtype=DTYPE)
+    got = fastq.load(pre, None, {"": 0}, dtype=DTYPE, progress=False)
+    assert_identical(ref, got, "llama")
+    return ref, got
+
+
 @pytest.mark.parametrize(("family", "name"), MATRIX, ids=[f"{f}-{c}" for f, c in MATRIX])
 def test_quantized_on_the_gpu_is_transformers_byte_for_byte(tiny_model, family, name):
     folder = tiny_model(family)
@@ -90,12 +102,7 @@ def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_pat
     started, real = [], fastq.loader.start_early_reads
     monkeypatch.setattr(fastq.loader, "start_early_reads", lambda *a, **k: started.append(real(*a, **k)) or started[-1])
     folder = tiny_model("llama")
-    cfg = transformers.BitsAndBytesConfig(**CONFIGS[name])
-    auto_class("llama").from_pretrained(folder, quantization_config=cfg, device_map={"": 0}, dtype=DTYPE) \
-        .save_pretrained(tmp_path / "pre")
-    ref = auto_class("llama").from_pretrained(tmp_path / "pre", device_map={"": 0}, dtype=DTYPE)
-    got = fastq.load(tmp_path / "pre", None, {"": 0}, dtype=DTYPE, progress=False)
-    assert_identical(ref, got, "llama")
+    reload_prequantized(folder, tmp_path / "pre", name)
     plain_ref = auto_class("llama").from_pretrained(folder, device_map={"": 0}, dtype=DTYPE)
     plain = fastq.load(folder, None, {"": 0}, dtype=DTYPE, progress=False)
     assert_identical(plain_ref, plain, "llama")
@@ -109,13 +116,7 @@ def test_a_gpu_load_whose_tensors_share_blocks_saves_as_transformers_does(tiny_m
     the tensors of the checkpoint it was loaded from, byte for byte, and they load back identical."""
     from safetensors.torch import load_file
 
-    folder = tiny_model("llama")
-    cfg = transformers.BitsAndBytesConfig(**CONFIGS[name])
-    auto_class("llama").from_pretrained(folder, quantization_config=cfg, device_map={"": 0}, dtype=DTYPE) \
-        .save_pretrained(tmp_path / "pre")
-    ref = auto_class("llama").from_pretrained(tmp_path / "pre", device_map={"": 0}, dtype=DTYPE)
-    got = fastq.load(tmp_path / "pre", None, {"": 0}, dtype=DTYPE, progress=False)
-    assert_identical(ref, got, "llama")
+    ref, got = reload_prequantized(tiny_model("llama"), tmp_path / "pre", name)
     ptrs = {}
     for p in got.state_dict().values():
         ptrs.setdefault(p.untyped_storage().data_ptr(), []).append(p)
