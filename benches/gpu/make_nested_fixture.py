@@ -29,7 +29,6 @@ import bitsandbytes.functional as F
 import torch
 from safetensors.torch import save_file
 
-
 #: Lengths of the mean cases: short ones on each side of the kernel's launch thresholds (128 values: groups
 #: of four; 2048: blocks of 512 threads; a tail of 1-3), the absmax of 7B weights (4096 x 4096 and
 #: 4096 x 11008 with blocksize 64), a 70B MLP weight's (8192 x 28672), and lengths past 4.3 million, where
