@@ -553,11 +553,15 @@ fn four_bit_round_trip_is_within_half_a_code_gap() {
 }
 
 #[test]
-fn tail_absmax_is_clamped_like_bitsandbytes() {
-    // bitsandbytes stores the tail block's absmax after clamping it to 1e-38; full blocks stay as is.
-    let x = f32_bytes(&[0.0; 64 + 5]);
-    let (_, absmax) = quantize_4bit(slice(&x, Dtype::F32), QuantType::Nf4, 64, AUTO).unwrap();
-    assert_eq!(absmax, vec![0.0, 1e-38]);
+fn all_zero_blocks_are_the_cuda_kernels() {
+    // The CUDA kernel stores an all-zero block's absmax as 0, the tail's too, and its values scale into
+    // NaN, which both searches send to code 0 (bitsandbytes' CPU kernel: 1e-38 in the tail, code 7).
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        let x = f32_bytes(&[0.0; 64 + 5]);
+        let (codes, absmax) = quantize_4bit(slice(&x, Dtype::F32), qt, 64, AUTO).unwrap();
+        assert_eq!(absmax, vec![0.0, 0.0], "{qt:?}");
+        assert!(codes.iter().all(|&c| c == 0), "{qt:?}");
+    }
 }
 
 #[test]

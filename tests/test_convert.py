@@ -6,7 +6,9 @@ tiny source with the same ``BitsAndBytesConfig`` and ``device_map="cpu"``, then 
 must hold the same files byte for byte - shards, index, config.json, generation_config.json - and
 ``from_pretrained(DST)`` must give the same logits as the reference model.
 
-Double quantization is the one exception: fastq's nested 8-bit codes follow bitsandbytes' CUDA kernel
+FP4 is one exception: fastq's codes follow bitsandbytes' CUDA kernel, from which its CPU kernel differs
+(``conftest.cpu_codes_apart_by_rule``; packed weights compared code by code, logits within 5% of their
+scale). Double quantization is the other: fastq's nested 8-bit codes follow bitsandbytes' CUDA kernel
 (what a GPU-quantized checkpoint holds) while its CPU kernel rounds ~0.2% of them one step the other way
 through a lookup table, and its offset is the GPU's float32 mean, a few ulps from the CPU's. There
 every tensor but the nested statistics is compared byte for byte, the codes (``*.weight.absmax``)
@@ -35,7 +37,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, VOCAB, auto_class, nested_stat_close
+from conftest import (
+    FAMILIES,
+    VOCAB,
+    assert_close_outputs,
+    auto_class,
+    cpu_codes_apart_by_rule,
+    nested_stat_close,
+    unpack_4bit,
+)
 from fastq import _fastq
 from fastq.atomic import temp_folder
 from fastq.errors import UnsavableModelError
@@ -77,14 +87,6 @@ def outputs(model, family: str) -> torch.Tensor:
     return out.last_hidden_state if family == "bert" else out.logits
 
 
-def assert_close(ref: torch.Tensor, got: torch.Tensor) -> None:
-    """Double quant only (see the module docstring)."""
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    scale = float(ref.abs().max())
-    err = float((got.float() - ref.float()).abs().max())
-    assert err <= 0.01 * scale, f"max |diff| {err} exceeds 1% of the output scale {scale}"
-
-
 def tensors(folder) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
@@ -97,33 +99,39 @@ def raw(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def assert_same_files(ref, got, double_quant: bool = False) -> None:
+def assert_same_files(ref, got, double_quant: bool = False, fp4: bool = False) -> None:
     """Every file transformers wrote is in ``got`` with the same bytes (shards tensor by tensor with
-    double quant, see the module docstring); fastq adds only its manifest."""
+    double quant or FP4, see the module docstring); fastq adds only its manifest."""
     names = sorted(os.listdir(ref))
     assert sorted(set(os.listdir(got)) - {"fastq-manifest.json"}) == names
+    tensorwise = double_quant or fp4
     for name in names:
-        if double_quant and name.endswith(".safetensors"):
+        if tensorwise and name.endswith(".safetensors"):
             continue
         assert filecmp.cmp(Path(ref, name), Path(got, name), shallow=False), f"{name} differs"
-    if not double_quant:
+    if not tensorwise:
         return
     a, b = tensors(ref), tensors(got)
     assert set(a) == set(b)
     index = json.loads(Path(ref, "model.safetensors.index.json").read_text()) if "model.safetensors.index.json" in names else None
-    total = diff = 0
+    total = diff = fp4_total = fp4_diff = 0
     for key, x in a.items():
         y = b[key]
         if nested_stat_close(key, x, y):  # (a quant_state JSON's length follows its offset's digits)
             continue
         assert (x.dtype, x.shape) == (y.dtype, y.shape), key
-        if key.endswith(".weight.absmax") and x.dtype == torch.uint8:
+        if f"{key}.quant_state.bitsandbytes__fp4" in a:
+            fp4_diff += cpu_codes_apart_by_rule(unpack_4bit(y), unpack_4bit(x), "fp4")
+            fp4_total += 2 * x.numel() * x.element_size()
+        elif double_quant and key.endswith(".weight.absmax") and x.dtype == torch.uint8:
             delta = (x.to(torch.int16) - y.to(torch.int16)).abs()
             assert int(delta.max()) <= 1, key
             total, diff = total + delta.numel(), diff + int((delta != 0).sum())
         else:
             assert torch.equal(raw(x), raw(y)), key
-    assert total and diff <= 0.01 * total, f"{diff} of {total} nested codes differ"
+    if double_quant:
+        assert total and diff <= 0.01 * total, f"{diff} of {total} nested codes differ"
+    assert fp4_diff <= 0.01 * fp4_total, f"{fp4_diff} of {fp4_total} FP4 codes differ"
     if index is not None:
         assert json.loads(Path(got, "model.safetensors.index.json").read_text()) == index
 
@@ -154,19 +162,17 @@ def transformers_saved(tiny_model, tmp_path_factory):
 def test_convert_equals_transformers(tiny_model, transformers_saved, tmp_path, family, name):
     ref_dir, ref_out = transformers_saved(family, name)
     dst = fastq.convert(tiny_model(family), tmp_path / "out", bnb(name), progress=False)
-    assert_same_files(ref_dir, dst, double_quant=name.endswith("-dq"))
-    # transformers loads the converted folder with no quantization argument
-    got = AUTO[family].from_pretrained(dst, device_map="cpu")
-    if name.endswith("-dq"):
-        assert_close(ref_out, outputs(got, family))
-    else:
-        assert torch.equal(outputs(got, family), ref_out)
-    # and fastq.load reads it as a pre-quantized checkpoint
-    loaded = fastq.load(dst, None, "cpu", progress=False)
-    if name.endswith("-dq"):
-        assert_close(ref_out, outputs(loaded, family))
-    else:
-        assert torch.equal(outputs(loaded, family), ref_out)
+    fp4 = name.startswith("fp4")
+    assert_same_files(ref_dir, dst, double_quant=name.endswith("-dq"), fp4=fp4)
+    # transformers loads the converted folder with no quantization argument, and fastq.load reads it as
+    # a pre-quantized checkpoint
+    for got in (AUTO[family].from_pretrained(dst, device_map="cpu"), fastq.load(dst, None, "cpu", progress=False)):
+        if fp4:
+            assert_close_outputs(ref_out, outputs(got, family), share=0.05)
+        elif name.endswith("-dq"):
+            assert_close_outputs(ref_out, outputs(got, family))
+        else:
+            assert torch.equal(outputs(got, family), ref_out)
 
 
 @pytest.mark.parametrize(("family", "name"), [("llama", "nf4"), ("gpt2", "int8"), ("t5", "nf4"), ("bert", "nf4-dq")])

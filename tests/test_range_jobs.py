@@ -1,7 +1,9 @@
 """Range jobs (``_fastq.Job.four_bit(..., range=(start, end))``, FSDP's share: python/fastq/shard.py)
 through ``Checkpoint.quantize``: the packed bytes and absmax of elements ``start..end`` of a checkpoint
-weight equal bitsandbytes 0.50.2's ``quantize_4bit`` of that slice (its CPU kernel; see
-tests/test_quantize_bnb.py), for every input dtype and storage, cast or not; bad ranges are refused
+weight equal bitsandbytes 0.50.2's ``quantize_4bit`` of that slice in NF4 (its CPU kernel agrees with
+its CUDA one there; see tests/test_quantize_bnb.py) and fastq's whole-tensor quantization of it in FP4
+(the CUDA kernel's, from which the CPU kernel differs), for every input dtype and storage, cast or
+not; bad ranges are refused
 naming the tensor (and the file, once the job meets the checkpoint)."""
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ def test_range_job_equals_bnb_on_the_slice(weights, dtype, quant_type, storage):
         assert job.range == (start, end) and f"range=({start}, {end})" in repr(job)
         [(got_name, (packed, state))] = list(ck.quantize([job]))
         x = flat[start : min(end, n)]
-        ref, rstate = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=False,
-                                      quant_storage=storage)
+        if quant_type == "nf4":
+            ref, rstate = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=False,
+                                          quant_storage=storage)
+        else:  # FP4 follows the CUDA kernel, not bitsandbytes' CPU one: the slice quantized whole
+            ref, rstate = fastq.ops.quantize_4bit(x, blocksize, quant_type, False, quant_storage=storage)
         assert got_name == name and packed.dtype == storage
         assert torch.equal(bits(packed), bits(ref)), (start, end)
         assert torch.equal(bits(state.absmax), bits(rstate.absmax)), (start, end)

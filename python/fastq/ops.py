@@ -32,7 +32,8 @@ def quantize_4bit(
     threads: int | None = None,
     reference: bool = False,
 ):
-    """Quantizes ``t`` to 4 bits exactly as ``bitsandbytes.functional.quantize_4bit`` does.
+    """Quantizes ``t`` to 4 bits as ``bitsandbytes.functional.quantize_4bit`` does on a GPU (its CUDA
+    kernel's codes, absmax and nested statistics; README "How exact it is").
 
     Args:
         t: float32, float16 or bfloat16 tensor of any shape (on any device; results come back there).

@@ -1,18 +1,22 @@
-//! 4-bit blockwise quantization (NF4 and FP4), byte for byte as bitsandbytes 0.50.2 does it
-//! (`backends/default/ops.py`, `quantize_4bit`):
+//! 4-bit blockwise quantization (NF4 and FP4), byte for byte as bitsandbytes 0.50.2's CUDA kernel does it
+//! (`csrc/kernels.cu`, `kQuantizeBlockwise` with `dQuantizeNF4` / `dQuantizeFP4`): what transformers
+//! writes quantizing on a GPU.
 //! - the tensor is flattened row-major and cut into blocks of `blocksize` that cross rows;
-//! - absmax = max |x| per block, kept as f32; the scale uses max(absmax, 1e-38). Full blocks store the
-//!   unclamped absmax, the tail block stores the clamped one (`am = ...abs().max().clamp(min=1e-38)`
-//!   is both its scale and its saved statistic), so an all-zero tail saves 1e-38, not 0;
-//! - full blocks are scaled by `x * (1 / absmax)`, the tail block by `x / absmax` (the CPU kernel
-//!   divides there, and the two roundings differ);
-//! - scaled values are clamped to [-1, 1] and bucketed against the midpoints of the sorted code
-//!   (`torch.bucketize`, right=False: a value equal to a midpoint goes to the lower code);
+//! - absmax = max |x| per block, stored as it is (an all-zero block stores 0);
+//! - every block, the tail too, is scaled by `x * (1 / absmax)`; an all-zero block scales into NaN,
+//!   which both searches send to code 0;
+//! - NF4: the code is found by comparing against the kernel's 15 thresholds (the float32 midpoints of
+//!   the sorted code, `x > t` picking the upper one); FP4: the sign bit is `x < 0` and the magnitude is
+//!   found against the kernel's 7 literal thresholds (`|x| > t`; they sit 1-14 ulps from the
+//!   midpoints), so a small negative value gets the negative zero code and -0.0 the positive one;
 //! - two codes a byte, first element in the high nibble; an odd count is padded with a scaled 0.
+//!
+//! bitsandbytes' CPU kernel (`backends/default/ops.py`) agrees on NF4 codes but for the tail block
+//! (it divides) and all-zero blocks (it scales by max(absmax, 1e-38), and saves 1e-38 in a tail); on
+//! FP4 it buckets against the midpoints with the zero codes the other way round. Both are found in the
+//! tests: tests/test_quantize_bnb.py against the CPU kernel and against codes an H100 wrote.
 
-use super::tables::{
-    FP4_BOUND_BITS, FP4_CODE_BITS, FP4_ORDER, NF4_BOUND_BITS, NF4_CODE_BITS, NF4_ORDER,
-};
+use super::tables::{FP4_CODE_BITS, NF4_BOUND_BITS, NF4_CODE_BITS, NF4_ORDER};
 use super::Kernel;
 use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
@@ -20,8 +24,35 @@ use crate::error::{Error, Result};
 /// Block sizes bitsandbytes accepts for 4-bit quantization (`functional.quantize_4bit`).
 pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 
-/// The smallest absmax the scale divides by (`absmax.clamp(min=1e-38)`).
+/// The smallest absmax whose reciprocal the vector kernels compute as the CUDA kernel does (finite and
+/// normal); blocks below it (all-zero or denormal) go through the scalar path.
 pub(crate) const ABSMAX_FLOOR: f32 = 1e-38;
+
+/// `dQuantizeFP4`'s thresholds on |x| (`csrc/kernels.cu`), ascending.
+const FP4_CUDA_THRESHOLDS: [f32; 7] = [
+    0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333,
+];
+
+/// FP4 as the bucket search runs it: a value goes above a bound when `bound < s`. Positive side: the
+/// thresholds themselves (`|x| > t`). Negative side: the float just below -t, so that -t itself stays
+/// with the smaller magnitude as `|x| > t` has it. Between: the negative float nearest zero, so every
+/// s < 0 (even the smallest denormal) falls below it and -0.0, +0.0 above.
+const fn fp4_cuda_bounds() -> [u32; 15] {
+    let mut b = [0u32; 15];
+    let mut i = 0;
+    while i < 7 {
+        let t = FP4_CUDA_THRESHOLDS[i].to_bits();
+        b[8 + i] = t;
+        b[6 - i] = (t + 1) | 0x8000_0000;
+        i += 1;
+    }
+    b[7] = 0x8000_0001;
+    b
+}
+
+/// Code index of each sorted FP4 position, the kernel's way: the negative zero code (8) just below zero,
+/// the positive one (0) from zero up.
+const FP4_CUDA_ORDER: [u8; 16] = [11, 10, 13, 12, 15, 14, 9, 8, 0, 1, 6, 7, 4, 5, 2, 3];
 
 /// The two 4-bit data types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,11 +92,12 @@ impl QuantType {
         bits.map(f32::from_bits)
     }
 
-    /// Midpoints between sorted code values.
+    /// The bounds between sorted positions, as the CUDA kernel compares (see `fp4_cuda_bounds`; NF4's
+    /// are the midpoints, equal to the kernel's thresholds).
     pub(crate) fn bounds(self) -> [f32; 15] {
         let bits = match self {
             QuantType::Nf4 => NF4_BOUND_BITS,
-            QuantType::Fp4 => FP4_BOUND_BITS,
+            QuantType::Fp4 => fp4_cuda_bounds(),
         };
         bits.map(f32::from_bits)
     }
@@ -74,7 +106,7 @@ impl QuantType {
     pub(crate) fn order(self) -> [u8; 16] {
         match self {
             QuantType::Nf4 => NF4_ORDER,
-            QuantType::Fp4 => FP4_ORDER,
+            QuantType::Fp4 => FP4_CUDA_ORDER,
         }
     }
 }
@@ -161,12 +193,32 @@ pub fn quantize_4bit_into(
     };
     if !done {
         scalar_blocks(x.slice(0, full), qt, blocksize, codes_full, absmax_full)?;
+    } else {
+        redo_small_blocks(x.slice(0, full), qt, blocksize, codes_full, absmax_full)?;
     }
     if full < n {
-        // The tail block (fewer than `blocksize` elements) always goes through the scalar path: it is
-        // scaled by division, as bitsandbytes does.
+        // The tail block (fewer than `blocksize` elements) goes through the scalar path.
         scalar_blocks(x.slice(full, n), qt, blocksize, codes_tail, absmax_tail)
             .map_err(|e| e.offset_index(full))?;
+    }
+    Ok(())
+}
+
+/// After a vector kernel (which scales by 1 / max(absmax, ABSMAX_FLOOR)): the whole blocks whose absmax
+/// is below the floor (all zero, or denormal) done again the CUDA kernel's way, by the scalar path.
+pub(crate) fn redo_small_blocks(
+    x: FloatSlice,
+    qt: QuantType,
+    blocksize: usize,
+    codes: &mut [u8],
+    absmax: &mut [f32],
+) -> Result<()> {
+    for b in 0..absmax.len() {
+        if absmax[b] < ABSMAX_FLOOR {
+            let (s, e) = (b * blocksize, (b + 1) * blocksize);
+            let (c, a) = (&mut codes[s / 2..e / 2], &mut absmax[b..b + 1]);
+            scalar_blocks(x.slice(s, e), qt, blocksize, c, a)?;
+        }
     }
     Ok(())
 }
@@ -198,6 +250,7 @@ fn scalar_blocks(
     let order = qt.order();
     let n = x.len();
     let mut buf = vec![0f32; blocksize.min(n)];
+    let mut pad = 0u8;
     for (b, am_out) in absmax.iter_mut().enumerate() {
         let start = b * blocksize;
         let end = (start + blocksize).min(n);
@@ -214,14 +267,10 @@ fn scalar_blocks(
             }
             am = am.max(v.abs());
         }
-        let full = end - start == blocksize;
-        // bitsandbytes saves the tail block's absmax after clamping it (see the module docs).
-        *am_out = if full { am } else { am.max(ABSMAX_FLOOR) };
-        let am = am.max(ABSMAX_FLOOR);
-        let inv = 1.0f32 / am;
+        *am_out = am;
+        let inv = 1.0f32 / am; // inf for an all-zero block: its values scale into NaN
         for (i, v) in vals.iter().enumerate() {
-            let s = if full { v * inv } else { v / am };
-            let q = order[bucket(&bounds, s.clamp(-1.0, 1.0))];
+            let q = code_of(&bounds, &order, v * inv);
             let j = start + i;
             if j.is_multiple_of(2) {
                 codes[j / 2] = q << 4;
@@ -229,12 +278,23 @@ fn scalar_blocks(
                 codes[j / 2] |= q;
             }
         }
+        pad = code_of(&bounds, &order, 0.0 * inv);
     }
     if n % 2 == 1 {
-        // Odd count: the pad element is a scaled zero, quantized like any other.
-        codes[n / 2] |= order[bucket(&bounds, 0.0)];
+        // Odd count: the pad element is a zero scaled as its block, quantized like any other.
+        codes[n / 2] |= pad;
     }
     Ok(())
+}
+
+/// The code of a scaled value: NaN (an all-zero block's) is code 0, as both CUDA searches give it.
+#[inline(always)]
+fn code_of(bounds: &[f32; 15], order: &[u8; 16], s: f32) -> u8 {
+    if s.is_nan() {
+        0
+    } else {
+        order[bucket(bounds, s)]
+    }
 }
 
 #[cfg(test)]
