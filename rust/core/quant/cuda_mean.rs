@@ -122,7 +122,7 @@ pub fn cuda_mean(x: &[f32], resident_blocks: usize) -> f32 {
             *s = ((acc[0] + acc[1]) + acc[2]) + acc[3];
         }
     }
-    let mut blocks: Vec<f32> = sums.chunks_mut(width).map(tree).collect();
+    let blocks: Vec<f32> = sums.chunks_mut(width).map(tree).collect();
     let total = if ctas == 1 {
         blocks[0]
     } else {
@@ -131,7 +131,6 @@ pub fn cuda_mean(x: &[f32], resident_blocks: usize) -> f32 {
         for (k, &b) in blocks.iter().enumerate() {
             lanes[k % width] += b;
         }
-        blocks.clear();
         tree(&mut lanes)
     };
     total * (1.0f32 / n as f32)
@@ -235,7 +234,8 @@ mod tests {
         assert_eq!(l(1000, 528), (true, 128, 1)); // 250 groups: 128 threads
         assert_eq!(l(65_536, 528), (true, 512, 1)); // 128 values per thread: one block
         assert_eq!(l(262_144, 528), (true, 512, 32)); // a 4096 x 4096 weight's absmax
-                                                      // A 4096 x 11008 weight's: 86 blocks wherever 86 are resident, a T4's 80 otherwise.
+
+        // A 4096 x 11008 weight's: 86 blocks wherever 86 are resident, a T4's 80 otherwise.
         assert_eq!(l(704_512, 528), (true, 512, 86));
         assert_eq!(l(704_512, 86), (true, 512, 86));
         assert_eq!(l(704_512, 80), (true, 512, 80));

@@ -1,6 +1,7 @@
 //! Double quantization of the 4-bit statistics (bitsandbytes' `compress_statistics=True`):
-//! offset = mean(absmax) (summed in the GPU's order: cuda_mean.rs); (absmax - offset) is quantized blockwise (blocksize 256) to 8 bits against the
-//! signed dynamic map (`create_dynamic_map(signed=True)`), with one f32 absmax per 256-block.
+//! offset = mean(absmax), summed in the GPU's order (cuda_mean.rs); (absmax - offset) is quantized
+//! blockwise (blocksize 256) to 8 bits against the signed dynamic map (`create_dynamic_map(signed=True)`),
+//! with one f32 absmax per 256-block.
 //!
 //! The rounding is the CUDA kernel's (`csrc/kernels.cu`, `kQuantizeBlockwise` with `General8bit` and
 //! `dQuantize<0>`): a 7-step binary search of the sorted map from pivot 127, then the nearer of the two

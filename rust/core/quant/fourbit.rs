@@ -37,6 +37,9 @@ const FP4_CUDA_THRESHOLDS: [f32; 7] = [
 /// thresholds themselves (`|x| > t`). Negative side: the float just below -t, so that -t itself stays
 /// with the smaller magnitude as `|x| > t` has it. Between: the negative float nearest zero, so every
 /// s < 0 (even the smallest denormal) falls below it and -0.0, +0.0 above.
+const FP4_CUDA_BOUND_BITS: [u32; 15] = fp4_cuda_bounds();
+
+/// Builds `FP4_CUDA_BOUND_BITS` from the thresholds at compile time.
 const fn fp4_cuda_bounds() -> [u32; 15] {
     let mut b = [0u32; 15];
     let mut i = 0;
@@ -97,7 +100,7 @@ impl QuantType {
     pub(crate) fn bounds(self) -> [f32; 15] {
         let bits = match self {
             QuantType::Nf4 => NF4_BOUND_BITS,
-            QuantType::Fp4 => fp4_cuda_bounds(),
+            QuantType::Fp4 => FP4_CUDA_BOUND_BITS,
         };
         bits.map(f32::from_bits)
     }

@@ -159,8 +159,9 @@ pub fn quantize_nested_blockwise(py: Python<'_>, data: PyBuffer<u8>) -> PyResult
 
 /// `quantize_nested(absmax, threads=None) -> (codes, absmax2, offset)`: bitsandbytes' double
 /// quantization of one 4-bit tensor's float32 absmax (`compress_statistics=True`): the mean offset
-/// (summed as torch sums it on an H100/H200: `quant::cuda_mean`), then 8-bit codes per block against the signed dynamic map with one float32 absmax per 256 codes,
-/// rounded as the CUDA kernel does (the statistics the whole-tensor path writes, byte for byte).
+/// (summed as torch sums it on an H100/H200: `quant::cuda_mean`), then 8-bit codes per block against
+/// the signed dynamic map with one float32 absmax per 256 codes, rounded as the CUDA kernel does (the
+/// statistics the whole-tensor path writes, byte for byte).
 #[pyfunction]
 #[pyo3(signature = (absmax, threads=None))]
 pub fn quantize_nested(
