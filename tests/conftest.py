@@ -141,16 +141,21 @@ def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b >> 4, b & 15], 1).reshape(-1).long()
 
 
+def code_rank(quant_type: str) -> torch.Tensor:
+    """Each 4-bit code's rank by value in bitsandbytes' code table (FP4's two zeros share a rank)."""
+    import bitsandbytes.functional as F
+
+    values = F.get_4bit_type(quant_type, device="cpu")
+    return (values.reshape(-1, 1) > values.reshape(1, -1)).sum(1)
+
+
 def cpu_codes_apart_by_rule(ours: torch.Tensor, cpu: torch.Tensor, quant_type: str, free=None) -> int:
     """fastq's 4-bit codes (bitsandbytes' CUDA kernel's) against its CPU kernel's, both unpacked:
     asserts they differ only by that kernel's rules - FP4's two zero codes the other way round, one
     code apart where a value lies between a midpoint and the CUDA kernel's literal threshold (or the
     tail is divided there) - or where ``free`` (a mask) lets them; returns how many differ."""
-    import bitsandbytes.functional as F
-
     differ = ours != cpu
-    values = F.get_4bit_type(quant_type, device="cpu")
-    rank = (values.reshape(-1, 1) > values.reshape(1, -1)).sum(1)  # FP4's two zeros share a rank
+    rank = code_rank(quant_type)
     ok = ~differ | ((rank[ours] - rank[cpu]).abs() == 1)
     if quant_type == "fp4":
         ok |= (ours & 7 == 0) & (cpu & 7 == 0)
@@ -158,6 +163,42 @@ def cpu_codes_apart_by_rule(ours: torch.Tensor, cpu: torch.Tensor, quant_type: s
         ok |= free
     assert bool(ok.all()), "a 4-bit code differs from bitsandbytes' CPU kernel's by more than its rules"
     return int(differ.sum())
+
+
+def assert_quantized_tensors_match(ref: dict, got: dict, double_quant: bool = False) -> None:
+    """Tensor by tensor, fastq's quantized tensors (``got``) against transformers' on the CPU (``ref``),
+    for every key of ``ref``: the same bytes, except where fastq follows bitsandbytes' CUDA kernel and
+    the CPU kernel differs. FP4 packed weights: codes only by that kernel's rules
+    (``cpu_codes_apart_by_rule``), on at most 1% of them. With ``double_quant``: nested absmax codes
+    (``*.weight.absmax`` stored as uint8) one code apart on at most 1% of entries, and the offset and
+    nested absmax a few float32 ulps apart (``nested_stat_close``)."""
+
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+    nested_total = nested_diff = fp4_total = fp4_diff = 0
+    for key, a in ref.items():
+        b = got[key]
+        if f"{key}.quant_state.bitsandbytes__fp4" in ref:
+            assert b.dtype == a.dtype and b.shape == a.shape, key
+            fp4_diff += cpu_codes_apart_by_rule(unpack_4bit(b), unpack_4bit(a), "fp4")
+            fp4_total += 2 * a.numel() * a.element_size()
+        elif double_quant and key.endswith(".weight.absmax") and a.dtype == torch.uint8:
+            assert b.dtype == torch.uint8 and b.shape == a.shape, key
+            delta = (a.to(torch.int16) - b.to(torch.int16)).abs()
+            assert int(delta.max()) <= 1, f"{key}: a nested code differs by more than one step"
+            nested_total += delta.numel()
+            nested_diff += int((delta != 0).sum())
+        elif double_quant and nested_stat_close(key, a, b):
+            pass
+        else:
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b)), (
+                f"{key}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)} or bytes differ"
+            )
+    if double_quant:
+        assert nested_total > 0, "no nested codes: is double quantization on?"
+        assert nested_diff <= 0.01 * nested_total, f"{nested_diff} of {nested_total} nested codes differ"
+    assert fp4_diff <= 0.01 * fp4_total, f"{fp4_diff} of {fp4_total} FP4 codes differ"
 
 
 def assert_close_outputs(ref: torch.Tensor, got: torch.Tensor, share: float = 0.01) -> None:

@@ -41,10 +41,8 @@ from conftest import (
     FAMILIES,
     VOCAB,
     assert_close_outputs,
+    assert_quantized_tensors_match,
     auto_class,
-    cpu_codes_apart_by_rule,
-    nested_stat_close,
-    unpack_4bit,
 )
 from fastq import _fastq
 from fastq.atomic import temp_folder
@@ -114,24 +112,7 @@ def assert_same_files(ref, got, double_quant: bool = False, fp4: bool = False) -
     a, b = tensors(ref), tensors(got)
     assert set(a) == set(b)
     index = json.loads(Path(ref, "model.safetensors.index.json").read_text()) if "model.safetensors.index.json" in names else None
-    total = diff = fp4_total = fp4_diff = 0
-    for key, x in a.items():
-        y = b[key]
-        if nested_stat_close(key, x, y):  # (a quant_state JSON's length follows its offset's digits)
-            continue
-        assert (x.dtype, x.shape) == (y.dtype, y.shape), key
-        if f"{key}.quant_state.bitsandbytes__fp4" in a:
-            fp4_diff += cpu_codes_apart_by_rule(unpack_4bit(y), unpack_4bit(x), "fp4")
-            fp4_total += 2 * x.numel() * x.element_size()
-        elif double_quant and key.endswith(".weight.absmax") and x.dtype == torch.uint8:
-            delta = (x.to(torch.int16) - y.to(torch.int16)).abs()
-            assert int(delta.max()) <= 1, key
-            total, diff = total + delta.numel(), diff + int((delta != 0).sum())
-        else:
-            assert torch.equal(raw(x), raw(y)), key
-    if double_quant:
-        assert total and diff <= 0.01 * total, f"{diff} of {total} nested codes differ"
-    assert fp4_diff <= 0.01 * fp4_total, f"{fp4_diff} of {fp4_total} FP4 codes differ"
+    assert_quantized_tensors_match(a, b, double_quant)
     if index is not None:
         assert json.loads(Path(got, "model.safetensors.index.json").read_text()) == index
 

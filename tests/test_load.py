@@ -34,11 +34,9 @@ from conftest import (
     FAMILIES,
     VOCAB,
     assert_close_outputs,
+    assert_quantized_tensors_match,
     auto_class,
-    cpu_codes_apart_by_rule,
-    nested_stat_close,
     tiny_config,
-    unpack_4bit,
 )
 from fastq.device_map import check_offload
 from transformers import BitsAndBytesConfig
@@ -102,44 +100,11 @@ def module_types(model) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules()}
 
 
-def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(tensor_bytes(a), tensor_bytes(b))
-
-
 def assert_same_state(ref: dict, got: dict, double_quant: bool = False) -> None:
-    """The same keys in the same order and the same bytes; with ``double_quant``, nested absmax codes
-    (``*.weight.absmax`` stored as uint8) may differ by exactly one code on at most 1% of entries, and
-    the offset and nested absmax by a few float32 ulps (``conftest.nested_stat_close``); FP4 codes only
-    by the rules of bitsandbytes' CPU kernel (``conftest.cpu_codes_apart_by_rule``), on at most 1% of
-    them (see the module docstring)."""
+    """The same keys in the same order and the same bytes but where fastq follows bitsandbytes' CUDA
+    kernel (``conftest.assert_quantized_tensors_match``; see the module docstring)."""
     assert list(got) == list(ref)
-    nested_total = nested_diff = fp4_total = fp4_diff = 0
-    for key, a in ref.items():
-        b = got[key]
-        if f"{key}.quant_state.bitsandbytes__fp4" in ref:
-            assert b.dtype == a.dtype and b.shape == a.shape, key
-            fp4_diff += cpu_codes_apart_by_rule(unpack_4bit(b), unpack_4bit(a), "fp4")
-            fp4_total += 2 * a.numel() * a.element_size()
-        elif double_quant and key.endswith(".weight.absmax") and a.dtype == torch.uint8:
-            assert b.dtype == torch.uint8 and b.shape == a.shape, key
-            delta = (a.to(torch.int16) - b.to(torch.int16)).abs()
-            assert int(delta.max()) <= 1, f"{key}: a nested code differs by more than one step"
-            nested_total += delta.numel()
-            nested_diff += int((delta != 0).sum())
-        elif double_quant and nested_stat_close(key, a, b):
-            pass
-        else:
-            assert same_tensor(a, b), (
-                f"{key}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)} or bytes differ"
-            )
-    if double_quant:
-        assert nested_total > 0, "no nested codes: is double quantization on?"
-        assert nested_diff <= 0.01 * nested_total, f"{nested_diff} of {nested_total} nested codes differ"
-    assert fp4_diff <= 0.01 * fp4_total, f"{fp4_diff} of {fp4_total} FP4 codes differ"
+    assert_quantized_tensors_match(ref, got, double_quant)
 
 
 def assert_same_model(ref, got, family: str, double_quant: bool = False) -> None:

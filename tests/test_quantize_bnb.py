@@ -1,13 +1,14 @@
 """fastq.ops against bitsandbytes 0.50.2 on the CPU, byte for byte where bitsandbytes is deterministic.
 
-- 4-bit packed codes and absmax: equal to ``bitsandbytes.functional.quantize_4bit`` (its CPU kernel is
-  ``backends/default/ops.py``: float32 math, full blocks ``x * (1 / absmax)``, the tail ``x / absmax``,
-  ``bucketize`` against the code midpoints).
+- 4-bit packed codes and absmax: equal to a port of bitsandbytes' CUDA kernel (``cuda_quantize_4bit``,
+  checked against codes an H100 wrote), and to its CPU kernel (``backends/default/ops.py``: the tail
+  divided, ``bucketize`` against the code midpoints) but for that kernel's rules.
 - Double quantization: the offset is the one a GPU computes (torch's CUDA float32 ``mean()``, summed
   in its order: a port of it here, and means a GPU wrote in the fixture), within a few ulps of
-  bitsandbytes' CPU one (torch's CPU sum, whose order depends on the machine); the nested codes follow the CUDA kernel (``csrc/kernels.cu``, ``dQuantize<0>``),
-  checked against a port of it here, against bitsandbytes' CPU kernel within one code, and against codes
-  the CUDA kernel wrote (``tests/fixtures/bnb_cuda_nested.safetensors``).
+  bitsandbytes' CPU one (torch's CPU sum, whose order depends on the machine); the nested codes follow
+  the CUDA kernel (``csrc/kernels.cu``, ``dQuantize<0>``), checked against a port of it here, against
+  bitsandbytes' CPU kernel within one code, and against codes the CUDA kernel wrote
+  (``tests/fixtures/bnb_cuda_nested.safetensors``).
 - LLM.int8: equal to ``Int8Params._quantize('cpu')``.
 """
 
@@ -23,7 +24,7 @@ import bitsandbytes.functional as F
 import fastq
 import pytest
 import torch
-from conftest import cpu_codes_apart_by_rule, unpack_4bit
+from conftest import code_rank, cpu_codes_apart_by_rule, unpack_4bit
 from fastq import _fastq
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -192,8 +193,7 @@ def check_nested(t, blocksize, quant_type, state, rstate, agree=0.99) -> None:
 
     The offset is the GPU's (``cuda_mean``: torch's CUDA float32 sum, in its order), bit for bit;
     bitsandbytes' CPU one is torch's CPU float32 sum, whose order depends on SIMD width and threads:
-    equal within a few ulps. bitsandbytes' CPU ``quantize_blockwise``
-    rounds through a 65,536-entry lookup table while fastq follows the CUDA kernel's binary search, so
+    equal within a few ulps. bitsandbytes' CPU ``quantize_blockwise`` rounds through a 65,536-entry lookup table while fastq follows the CUDA kernel's binary search, so
     the nested codes are compared with ``quantize_blockwise`` run on the SAME input (fastq's absmax minus
     fastq's offset): nested_absmax equal exactly, codes equal on >= 99% (all but two on vectors shorter
     than 200) and every disagreement exactly one code apart. The 99% (``agree``) holds for weights
@@ -527,8 +527,7 @@ def test_weights_against_cuda_fixture():
     weights = sorted({k.split(".")[0] for k in fx if k.startswith("w")})
     assert weights
     fp4_ties = cb_apart = 0
-    values = F.get_4bit_type("fp4", device="cpu")
-    rank = (values.reshape(-1, 1) > values.reshape(1, -1)).sum(1)  # the two zero codes share a rank
+    rank = code_rank("fp4")
     for w in weights:
         x = fx[f"{w}.weight"]
         for qt in QUANT_TYPES:
