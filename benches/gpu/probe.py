@@ -1,7 +1,7 @@
 """Measurements behind the GPU path's choices (run on the GPU machine, after compare.py made its
 checkpoints):
 
-    python3 benches/gpu/probe.py --work /tmp/fastq-gpu --out $OUT [pin] [ring] [memory]
+    python3 benches/gpu/probe.py --work /tmp/fastq-gpu --out $OUT [pin] [ring] [memory] [mapreg]
 
   pin     seconds to pin the ring's host memory for several sizes and ways (fresh process each, CUDA
           warm): one slot after the other, or the ring's threads with cudaHostAlloc or cudaHostRegister
@@ -13,6 +13,10 @@ checkpoints):
           stack of each allocation (torch.cuda.memory._record_memory_history), and the bytes the caching
           allocator counts allocated beyond what was asked for (blocks not split: a 21.5 MiB tensor in a
           fresh 22 MiB segment holds the 0.5 MiB tail)
+  mapreg  the copy without the host's copy: each bf16 shard mapped (page cache warm), its pages pinned in
+          place by ``cudaHostRegister`` (read-only) chunk by chunk, each chunk copied to the GPU straight
+          from the page cache; seconds to register, to copy, and both overlapped (one thread registers
+          ahead while the copies run), against the shard's 16-thread pread into pinned memory
 """
 
 from __future__ import annotations
@@ -129,6 +133,88 @@ def memory_case(case: str, work: Path) -> dict:
     }
 
 
+def mapreg_case(work: Path, chunk_mib: int) -> dict:
+    """``mapreg`` for one chunk size over every shard of the bf16 checkpoint."""
+    import mmap
+    import threading
+
+    import numpy as np
+    import torch
+
+    cudart = torch.cuda.cudart()
+    torch.zeros(1, device="cuda")
+    files = sorted((work / "llama7b").glob("*.safetensors"))
+    chunk = chunk_mib << 20
+    maps, total = [], 0
+    for f in files:
+        with open(f, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+        a = np.frombuffer(m, dtype=np.uint8)
+        maps.append((m, a))
+        total += len(a)
+    jobs = [(a, off, min(chunk, len(a) - off)) for _, a in maps for off in range(0, len(a), chunk)]
+    dev = torch.empty(chunk, dtype=torch.uint8, device="cuda")
+
+    def register(a, off, n, flags=8) -> float:  # 8: cudaHostRegisterReadOnly
+        t = time.perf_counter()
+        rc = int(cudart.cudaHostRegister(a.ctypes.data + off, n, flags))
+        if rc:
+            raise RuntimeError(f"cudaHostRegister -> {rc}")
+        return time.perf_counter() - t
+
+    def unregister(a, off) -> None:
+        cudart.cudaHostUnregister(a.ctypes.data + off)
+
+    res = {"chunk_mib": chunk_mib, "GB": total / 1e9}
+    try:  # registering alone, then copying alone from registered chunks
+        reg = sum(register(a, off, n) for a, off, n in jobs)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for a, off, n in jobs:
+            dev[:n].copy_(torch.from_numpy(a[off:off + n]), non_blocking=True)
+        torch.cuda.synchronize()
+        copy = time.perf_counter() - t
+        t = time.perf_counter()
+        for a, off, _ in jobs:
+            unregister(a, off)
+        res.update(register_GBps=total / reg / 1e9, copy_GBps=total / copy / 1e9,
+                   unregister_s=time.perf_counter() - t)
+        # overlapped: a thread registers chunk k+1.. while chunk k copies; unregistered after its copy
+        ready = [threading.Event() for _ in jobs]
+
+        def ahead() -> None:
+            for k, (a, off, n) in enumerate(jobs):
+                register(a, off, n)
+                ready[k].set()
+
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        th = threading.Thread(target=ahead)
+        th.start()
+        evs = []
+        for k, (a, off, n) in enumerate(jobs):
+            ready[k].wait()
+            dev[:n].copy_(torch.from_numpy(a[off:off + n]), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            evs.append(ev)
+            if k >= 2:
+                evs[k - 2].synchronize()
+                unregister(jobs[k - 2][0], jobs[k - 2][1])
+        torch.cuda.synchronize()
+        res["overlapped_GBps"] = total / (time.perf_counter() - t) / 1e9
+        th.join()
+        for a, off, _ in jobs[-2:]:
+            unregister(a, off)
+    except Exception as e:  # noqa: BLE001 - a measurement: say what failed
+        res["error"] = repr(e)
+    sys.path.insert(0, str(HERE))
+    from profile_load import pread_bw
+
+    res["pread16_GBps"] = pread_bw([str(f) for f in files], 16, chunk)
+    return res
+
+
 def sub(args: list[str], env=None, timeout=600) -> dict | None:
     p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, check=False,
                        env={**os.environ, **(env or {})})
@@ -145,6 +231,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--pin", nargs=3)
     ap.add_argument("--memory")
+    ap.add_argument("--mapreg", type=int)
     ap.add_argument("what", nargs="*", default=["pin", "ring", "memory"])
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
@@ -153,6 +240,9 @@ def main() -> None:
         return
     if a.memory:
         print("RESULT " + json.dumps(memory_case(a.memory, work)), flush=True)
+        return
+    if a.mapreg:
+        print("RESULT " + json.dumps(mapreg_case(work, a.mapreg)), flush=True)
         return
     results = {}
     if "pin" in a.what:
@@ -179,6 +269,10 @@ def main() -> None:
         results["memory"] = [sub([__file__, "--work", str(work), "--memory", c]) for c in ("device", "pre", "cpu", "tf_pre")]
         for r in results["memory"]:
             print("memory", json.dumps(r, indent=1), flush=True)
+    if "mapreg" in a.what:
+        results["mapreg"] = [sub([__file__, "--work", str(work), "--mapreg", str(m)]) for m in (64, 256, 1024)]
+        for r in results["mapreg"]:
+            print("mapreg", json.dumps(r), flush=True)
     (out / "probe.json").write_text(json.dumps(results, indent=1))
 
 
