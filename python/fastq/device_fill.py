@@ -9,7 +9,8 @@ ring straight into their parameters: no per-tensor copy from pageable memory. An
 checkpoint needs no plan to be read, so when every tensor goes to one GPU it starts streaming there
 while transformers builds the skeleton (``EarlyReads``), and the fill takes the tensors as they arrive.
 A pre-quantized one does not (measured: its ~1,400 small statistics tensors, each a few Python steps,
-fought the skeleton's build for the GIL and made the load slower, BENCHMARKS.md run 11).
+fought the skeleton's build for the GIL and made the load slower, BENCHMARKS.md run 11; its large
+tensors alone slow the build about as much as they save, runs 12-13).
 """
 
 from __future__ import annotations

@@ -332,7 +332,10 @@ def stream_to_device(
     Stream order: the copies run on a stream of their own; the current stream waits for a batch's
     copies before the callbacks of the requests it completed. A buffer is allocated on the current
     stream one batch ahead of its copies, and the copy stream waits for the current stream as it was
-    then, so a block the allocator hands back is never written while earlier work still reads it."""
+    then, so a block the allocator hands back is never written while earlier work still reads it.
+
+    The callbacks run on the loop's thread: with the loop on a thread of its own and the callbacks on the
+    caller's, the loop waited for the GIL and the loads were slower (BENCHMARKS.md, run 13)."""
     requests = list(requests)
     if not requests:
         return
