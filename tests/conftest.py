@@ -107,6 +107,11 @@ def tiny_config(family: str):
 OFFSET_ULPS = 3
 
 
+def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of ``t`` on the CPU, as a flat uint8 tensor (equality is then bitwise: -0.0, NaN)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
 def float32_ulps(a, b) -> int:
     """The largest distance between ``a`` and ``b`` (float32 tensors or numbers, of one sign), in ulps."""
     x, y = (torch.as_tensor(v, dtype=torch.float32).reshape(-1).view(torch.int32).long() for v in (a, b))
@@ -126,7 +131,7 @@ def nested_stat_close(key: str, ref: torch.Tensor, got: torch.Tensor) -> bool:
         assert float32_ulps(ref, got) <= OFFSET_ULPS, f"{key}: {float32_ulps(ref, got)} ulps apart"
         return True
     if ".quant_state.bitsandbytes__" in key:
-        qa, qb = (json.loads(bytes(t.contiguous().reshape(-1).view(torch.uint8).tolist())) for t in (ref, got))
+        qa, qb = (json.loads(bytes(tensor_bytes(t).tolist())) for t in (ref, got))
         oa, ob = qa.pop("nested_offset", None), qb.pop("nested_offset", None)
         assert qa == qb and (oa is None) == (ob is None), key
         if oa is not None:
@@ -137,7 +142,7 @@ def nested_stat_close(key: str, ref: torch.Tensor, got: torch.Tensor) -> bool:
 
 def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
     """The 4-bit codes of a packed weight (any storage dtype), first element from the high nibble."""
-    b = packed.detach().contiguous().reshape(-1).view(torch.uint8)
+    b = tensor_bytes(packed)
     return torch.stack([b >> 4, b & 15], 1).reshape(-1).long()
 
 
@@ -172,10 +177,6 @@ def assert_quantized_tensors_match(ref: dict, got: dict, double_quant: bool = Fa
     (``cpu_codes_apart_by_rule``), on at most 1% of them. With ``double_quant``: nested absmax codes
     (``*.weight.absmax`` stored as uint8) one code apart on at most 1% of entries, and the offset and
     nested absmax a few float32 ulps apart (``nested_stat_close``)."""
-
-    def raw(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-
     nested_total = nested_diff = fp4_total = fp4_diff = 0
     for key, a in ref.items():
         b = got[key]
@@ -192,7 +193,7 @@ def assert_quantized_tensors_match(ref: dict, got: dict, double_quant: bool = Fa
         elif double_quant and nested_stat_close(key, a, b):
             pass
         else:
-            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b)), (
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(tensor_bytes(a), tensor_bytes(b)), (
                 f"{key}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)} or bytes differ"
             )
     if double_quant:

@@ -43,6 +43,7 @@ from conftest import (
     assert_close_outputs,
     assert_quantized_tensors_match,
     auto_class,
+    tensor_bytes,
 )
 from fastq import _fastq
 from fastq.atomic import temp_folder
@@ -91,10 +92,6 @@ def tensors(folder) -> dict[str, torch.Tensor]:
         with safe_open(f, "pt") as st:
             out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
     return out
-
-
-def raw(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def assert_same_files(ref, got, double_quant: bool = False, fp4: bool = False) -> None:
@@ -203,7 +200,7 @@ def test_keep_in_fp32_modules_load_in_transformers(tiny_model, tmp_path):
     assert {n: type(m) for n, m in ours.named_modules()} == {n: type(m) for n, m in theirs.named_modules()}
     assert ours.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
     a, b = ours.state_dict(), theirs.state_dict()
-    assert list(a) == list(b) and all(torch.equal(raw(a[k]), raw(b[k])) for k in a)
+    assert list(a) == list(b) and all(torch.equal(tensor_bytes(a[k]), tensor_bytes(b[k])) for k in a)
 
 
 def test_other_blocksize_loads_in_transformers(tiny_model, tmp_path):

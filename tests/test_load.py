@@ -8,8 +8,8 @@ kernel where its CPU kernel differs (``conftest.cpu_codes_apart_by_rule``), and 
 GPU-quantized checkpoint holds, checked against a CUDA fixture in test_quantize_bnb.py) while
 bitsandbytes' CPU kernel goes through a 65,536-entry lookup table that rounds ~0.2% of those codes one
 step the other way, and fastq's offset is the GPU's float32 mean where bitsandbytes' CPU one sums in
-torch's CPU order, a few ulps away; ``assert_same_state`` bounds those differences and ``assert_close_outputs`` explains
-the logit tolerance.
+torch's CPU order, a few ulps away; ``assert_same_state`` bounds those differences and
+``assert_close_outputs`` explains the logit tolerance.
 
 State dicts are compared before a model's first forward pass: bitsandbytes' CPU backend repacks 4-bit
 weights for its gemm on first use and from then on saves ``absmax`` as a bfloat16 [2, n/2] tensor

@@ -24,7 +24,7 @@ import bitsandbytes.functional as F
 import fastq
 import pytest
 import torch
-from conftest import code_rank, cpu_codes_apart_by_rule, unpack_4bit
+from conftest import code_rank, cpu_codes_apart_by_rule, tensor_bytes, unpack_4bit
 from fastq import _fastq
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -48,15 +48,10 @@ def dname(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of ``t`` (so that equality is bitwise, -0.0 and NaN included)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} != {b.dtype}"
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    ba, bb = bits(a), bits(b)
+    ba, bb = tensor_bytes(a), tensor_bytes(b)
     if not torch.equal(ba, bb):
         bad = (ba != bb).nonzero().reshape(-1)
         raise AssertionError(

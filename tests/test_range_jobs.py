@@ -3,8 +3,7 @@ through ``Checkpoint.quantize``: the packed bytes and absmax of elements ``start
 weight equal bitsandbytes 0.50.2's ``quantize_4bit`` of that slice in NF4 (its CPU kernel agrees with
 its CUDA one there; see tests/test_quantize_bnb.py) and fastq's whole-tensor quantization of it in FP4
 (the CUDA kernel's, from which the CPU kernel differs), for every input dtype and storage, cast or
-not; bad ranges are refused
-naming the tensor (and the file, once the job meets the checkpoint)."""
+not; bad ranges are refused naming the tensor (and the file, once the job meets the checkpoint)."""
 
 from __future__ import annotations
 
@@ -12,12 +11,9 @@ import bitsandbytes.functional as F
 import fastq
 import pytest
 import torch
+from conftest import tensor_bytes
 from fastq import _fastq
 from safetensors.torch import save_file
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 @pytest.fixture
@@ -52,8 +48,8 @@ def test_range_job_equals_bnb_on_the_slice(weights, dtype, quant_type, storage):
         else:  # FP4 follows the CUDA kernel, not bitsandbytes' CPU one: the slice quantized whole
             ref, rstate = fastq.ops.quantize_4bit(x, blocksize, quant_type, False, quant_storage=storage)
         assert got_name == name and packed.dtype == storage
-        assert torch.equal(bits(packed), bits(ref)), (start, end)
-        assert torch.equal(bits(state.absmax), bits(rstate.absmax)), (start, end)
+        assert torch.equal(tensor_bytes(packed), tensor_bytes(ref)), (start, end)
+        assert torch.equal(tensor_bytes(state.absmax), tensor_bytes(rstate.absmax)), (start, end)
         assert tuple(state.shape) == (x.numel(),) and state.dtype == x.dtype
 
 
@@ -65,8 +61,8 @@ def test_cast_range_job_equals_bnb_on_the_cast_slice(weights):
     [(_, (packed, state))] = list(ck.quantize([job]))
     x = ck.get("w.float32").reshape(-1)[64 * 40 : 64 * 900].to(torch.bfloat16)
     ref, rstate = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=False)
-    assert torch.equal(bits(packed), bits(ref))
-    assert torch.equal(bits(state.absmax), bits(rstate.absmax)) and state.dtype == torch.bfloat16
+    assert torch.equal(tensor_bytes(packed), tensor_bytes(ref))
+    assert torch.equal(tensor_bytes(state.absmax), tensor_bytes(rstate.absmax)) and state.dtype == torch.bfloat16
 
 
 def test_bad_ranges_are_refused_naming_the_tensor(weights):

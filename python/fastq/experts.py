@@ -11,8 +11,8 @@ leaves them in bf16 (bitsandbytes #1849). Here they are quantized per expert:
   buffer ``[E, out]``, as ``Int8Params._quantize`` makes them (float16 first).
 
 Quantized on the device the weights land on (bitsandbytes' CUDA kernels on a GPU, fastq's, which follow
-them, on the CPU), as each fused tensor arrives (``install``), so the
-bf16 experts never sit in memory all at once. The forward is the eager fused-experts loop of transformers
+them, on the CPU), as each fused tensor arrives (``install``), so the bf16 experts never sit in memory
+all at once. The forward is the eager fused-experts loop of transformers
 (``MixtralExperts.forward``) over the routed experts only, each dequantized by bitsandbytes
 (``dequantize_4bit`` / ``int8_vectorwise_dequant``): it equals the same MoE run on the dequantized weights.
 """

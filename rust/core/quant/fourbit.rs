@@ -14,7 +14,7 @@
 //! bitsandbytes' CPU kernel (`backends/default/ops.py`) agrees on NF4 codes but for the tail block
 //! (it divides) and all-zero blocks (it scales by max(absmax, 1e-38), and saves 1e-38 in a tail); on
 //! FP4 it buckets against the midpoints with the zero codes the other way round. Both are found in the
-//! tests: tests/test_quantize_bnb.py against the CPU kernel and against codes an H100 wrote.
+//! tests: tests/test_quantize_bnb.py against the CPU kernel and against codes an H200 wrote (as an H100).
 
 use super::tables::{FP4_CODE_BITS, NF4_BOUND_BITS, NF4_CODE_BITS, NF4_ORDER};
 use super::Kernel;
