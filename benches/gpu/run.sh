@@ -9,11 +9,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, transformers, accelerate, bitsandbytes, fastq; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', bitsandbytes.__version__, 'fastq', fastq.__version__)" | tee -a "$OUT/gpu.txt"
 # The CUDA reference of tests/test_quantize_bnb.py written again on this GPU (it comes back under $OUT, to
 # be committed as tests/fixtures/bnb_cuda_nested.safetensors) and the fixture tests run against it here.
-python3 benches/gpu/make_nested_fixture.py "$OUT" && cp "$OUT/bnb_cuda_nested.safetensors" tests/fixtures/
+# FIXTURE=0 skips both (the fixture in the tree is an H200's since run 13).
+fixture_tests=()
+if [[ ${FIXTURE:-1} != 0 ]]; then
+  python3 benches/gpu/make_nested_fixture.py "$OUT" && cp "$OUT/bnb_cuda_nested.safetensors" tests/fixtures/
+  fixture_tests=("tests/test_quantize_bnb.py::test_double_quant_offset_sums_as_the_gpu"
+    "tests/test_quantize_bnb.py::test_double_quant_of_the_fixture_weights_is_the_gpus"
+    "tests/test_quantize_bnb.py::test_nested_matches_cuda_fixture")
+fi
 timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest tests/test_gpu.py tests/test_gpu_moe.py tests/test_transfer.py \
-  "tests/test_quantize_bnb.py::test_double_quant_offset_sums_as_the_gpu" \
-  "tests/test_quantize_bnb.py::test_double_quant_of_the_fixture_weights_is_the_gpus" \
-  "tests/test_quantize_bnb.py::test_nested_matches_cuda_fixture" -q -p no:cacheprovider -x \
+  tests/test_page_cache.py "${fixture_tests[@]}" -q -p no:cacheprovider -x \
   2>&1 | tee "$OUT/pytest_gpu.log" | tail -20
 timeout "${GPU_BENCH_TIMEOUT:-380}" python3 benches/gpu/compare.py --work /tmp/fastq-gpu --out "$OUT" "$@" \
   2>&1 | tee "$OUT/compare.log" | grep -v '^{'
