@@ -89,41 +89,16 @@ def test_float32_checkpoint_cast_then_quantized_on_the_gpu(tiny_model, name):
     assert_identical(ref, got, "llama")
 
 
-ROUTES = ["page-cache", "page-cache-refused", "early-reads", "reads-after-plan"]
-
-
-def _route(monkeypatch, route: str) -> list:
-    """Sets how a load brings the bytes it keeps (fastq/page_cache.py, device_fill.EarlyReads, or the ring
-    after the plan); returns the driver's pin calls, as (bytes, accepted) each. ``page-cache-refused``:
-    the driver refuses every pin after the first, so the ring brings the rest (a file system it cannot
-    pin). The tiny models' tensors are small: every one of 2 KiB or more takes the page cache."""
-    from fastq import device_fill, page_cache
-
-    monkeypatch.setattr(page_cache, "ENABLED", route.startswith("page-cache"))
-    monkeypatch.setattr(page_cache, "MIN_BYTES", 2048)
-    monkeypatch.setattr(device_fill, "EARLY_READS", route == "early-reads")
-    pins, real = [], page_cache._Cuda.register
-
-    def register(address: int, nbytes: int) -> bool:
-        ok = not (route == "page-cache-refused" and pins) and real(address, nbytes)
-        pins.append((nbytes, ok))
-        return ok
-
-    monkeypatch.setattr(page_cache._Cuda, "register", staticmethod(register))
-    return pins
-
-
-@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("early", [True, False], ids=["early-reads", "reads-after-plan"])
 @pytest.mark.parametrize("name", ["nf4-dq", "fp4", "int8"])
-def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_path, name, route, monkeypatch):
-    """Pre-quantized and plain loads whichever way their bytes come - straight from the page cache while
-    the skeleton is built (the default for a resident checkpoint), partly so when the driver refuses to
-    pin, through the ring while it is built (plain only), or through the ring after the plan - are the
-    model transformers gives, and the pages pinned are unpinned after the load."""
+def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_path, name, early, monkeypatch):
+    """The plain load both ways: its bytes streamed while the skeleton is built (device_fill.EarlyReads,
+    the default) or once the plan is made - the same model as transformers either way. Pre-quantized
+    loads read after the plan (EarlyReads made them slower)."""
+    import fastq.device_fill
     import fastq.loader
-    from fastq.page_cache import PageCacheReads
 
-    pins = _route(monkeypatch, route)
+    monkeypatch.setattr(fastq.device_fill, "EARLY_READS", early)
     started, real = [], fastq.loader.start_early_reads
     monkeypatch.setattr(fastq.loader, "start_early_reads", lambda *a, **k: started.append(real(*a, **k)) or started[-1])
     folder = tiny_model("llama")
@@ -131,15 +106,7 @@ def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_pat
     plain_ref = auto_class("llama").from_pretrained(folder, device_map={"": 0}, dtype=DTYPE)
     plain = fastq.load(folder, None, {"": 0}, dtype=DTYPE, progress=False)
     assert_identical(plain_ref, plain, "llama")
-    kinds = [type(s).__name__ if s is not None else None for s in started]  # the pre-quantized load's, the plain's
-    if route.startswith("page-cache"):
-        assert kinds == ["PageCacheReads", "PageCacheReads"]
-        assert any(ok for _, ok in pins) and (route == "page-cache") == all(ok for _, ok in pins)
-        for s in started:
-            assert isinstance(s, PageCacheReads) and s.released is not None
-            s.released.join()
-    else:
-        assert kinds == [None, "EarlyReads" if route == "early-reads" else None] and not pins
+    assert [s is not None for s in started] == [early]  # the plain load's; none for the pre-quantized
 
 
 @pytest.mark.parametrize("name", ["nf4-dq", "int8"])
@@ -164,13 +131,11 @@ def test_a_gpu_load_whose_tensors_share_blocks_saves_as_transformers_does(tiny_m
         assert_identical(ref, fastq.load(tmp_path / out, None, {"": 0}, dtype=DTYPE, progress=False), "llama")
 
 
-@pytest.mark.parametrize("route", ["page-cache", "early-reads"])
-def test_a_load_failing_after_its_early_reads_started_stops_them(tiny_model, tmp_path, route, monkeypatch):
+def test_a_load_failing_after_its_early_reads_started_stops_them(tiny_model, tmp_path):
     """A checkpoint that lacks a layer its config.json asks for fails at the plan, after the early reads
     began: the error names it, the reads' thread has ended and their buffers are freed."""
     import threading
 
-    pins = _route(monkeypatch, route)
     folder = tmp_path / "more-layers"
     shutil.copytree(tiny_model("llama"), folder)
     cfg = json.loads((folder / "config.json").read_text())
@@ -181,8 +146,7 @@ def test_a_load_failing_after_its_early_reads_started_stops_them(tiny_model, tmp
     before = torch.cuda.memory_allocated()
     with pytest.raises(fastq.FastqError, match="no tensor for"):
         fastq.load(folder, None, {"": 0}, dtype=DTYPE, progress=False)
-    assert not [t for t in threading.enumerate() if t.name in ("fastq-early-reads", "fastq-page-cache")]
-    assert bool(pins) == (route == "page-cache")
+    assert not [t for t in threading.enumerate() if t.name == "fastq-early-reads"]
     gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before

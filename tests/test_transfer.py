@@ -15,7 +15,7 @@ from pathlib import Path
 import fastq
 import pytest
 import torch
-from fastq import transfer
+from fastq import device_fill, transfer
 from fastq.device_fill import EarlyReads, _take_early, early_names
 from fastq.device_map import default_device, single_device
 from safetensors.torch import save_file
@@ -247,17 +247,17 @@ def test_single_device_is_known_before_the_model():
 
 
 def test_early_reads_shorten_the_gil_switch_interval_while_they_run():
-    """transfer.prompt_gil: the first of overlapping early reads sets the short interval, the last
+    """device_fill._prompt_gil: the first of overlapping early reads sets the short interval, the last
     to end restores the caller's - whatever order they end in."""
     old = sys.getswitchinterval()
     try:
         sys.setswitchinterval(0.004)
-        a, b = transfer.prompt_gil(), transfer.prompt_gil()
+        a, b = device_fill._prompt_gil(), device_fill._prompt_gil()
         a.__enter__()
-        assert sys.getswitchinterval() == pytest.approx(transfer.EARLY_SWITCH_INTERVAL)
+        assert sys.getswitchinterval() == pytest.approx(device_fill.EARLY_SWITCH_INTERVAL)
         b.__enter__()
         a.__exit__(None, None, None)
-        assert sys.getswitchinterval() == pytest.approx(transfer.EARLY_SWITCH_INTERVAL)
+        assert sys.getswitchinterval() == pytest.approx(device_fill.EARLY_SWITCH_INTERVAL)
         b.__exit__(None, None, None)
         assert sys.getswitchinterval() == pytest.approx(0.004)
     finally:

@@ -18,7 +18,7 @@ if [[ ${FIXTURE:-1} != 0 ]]; then
     "tests/test_quantize_bnb.py::test_nested_matches_cuda_fixture")
 fi
 timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest tests/test_gpu.py tests/test_gpu_moe.py tests/test_transfer.py \
-  tests/test_page_cache.py "${fixture_tests[@]}" -q -p no:cacheprovider -x \
+  ${fixture_tests[@]+"${fixture_tests[@]}"} -q -p no:cacheprovider -x \
   2>&1 | tee "$OUT/pytest_gpu.log" | tail -20
 timeout "${GPU_BENCH_TIMEOUT:-380}" python3 benches/gpu/compare.py --work /tmp/fastq-gpu --out "$OUT" "$@" \
   2>&1 | tee "$OUT/compare.log" | grep -v '^{'

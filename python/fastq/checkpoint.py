@@ -79,10 +79,6 @@ class Checkpoint:
             self._ck.get(name)  # raises UnknownTensorError naming the checkpoint
         return self._meta[name]
 
-    def offset(self, name: str) -> int:
-        """Where tensor ``name``'s bytes start in its shard file (``meta(name).file``)."""
-        return self._ck.offset(name)
-
     @property
     def shard_paths(self) -> list[str]:
         return self._ck.shard_paths()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 
 import torch
@@ -25,7 +26,7 @@ from . import device_map as dmap_mod
 from .bnb_format import QUANT_STATE, SCB, WEIGHT_FORMAT, quant_state_stat
 from .checkpoint import SPEC_INT8
 from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
-from .transfer import Arrivals, Request, Timeline, device_bytes, reserve_cached, stream_to_device
+from .transfer import Request, Timeline, device_bytes, reserve_cached, stream_to_device
 
 __all__ = ["EarlyReads", "cuda_device", "early_names", "fill_on_device", "start_early_reads", "warm_kernels"]
 
@@ -118,54 +119,109 @@ def warm_kernels(spec, device: torch.device) -> threading.Thread:
     return t
 
 
-class EarlyReads(Arrivals):
+#: The GIL switch interval while early reads run (CPython's default is 5 ms).
+EARLY_SWITCH_INTERVAL = 2e-4
+_SWITCH_LOCK = threading.Lock()
+_switch = {"active": 0, "saved": 0.0}
+
+
+@contextlib.contextmanager
+def _prompt_gil():
+    """A shorter GIL switch interval while early reads run. They run beside the skeleton's build, pure
+    Python that holds the GIL; each of their steps (queue a copy, hand a slot back to a read) needs the
+    GIL for microseconds, and waited up to the 5 ms default for it: 3.9 GB of copies then crawled at
+    21 GB/s (BENCHMARKS.md, run 11). Process-wide; the first early reads to start save the interval,
+    the last to end restore it."""
+    with _SWITCH_LOCK:
+        if _switch["active"] == 0:
+            _switch["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch["saved"], EARLY_SWITCH_INTERVAL))
+        _switch["active"] += 1
+    try:
+        yield
+    finally:
+        with _SWITCH_LOCK:
+            _switch["active"] -= 1
+            if _switch["active"] == 0:
+                sys.setswitchinterval(_switch["saved"])
+
+
+class EarlyReads:
     """Checkpoint tensors streamed through the ring to ``device`` by a thread of their own, before
-    anything knows which parameter each one fills (``Arrivals``). The thread works on the stream that was
-    current where it was made, so work queued there after a hand-over runs after the copies."""
+    anything knows which parameter each one fills: ``arrivals()`` hands them over in the order they
+    land. The thread works on the stream that was current where it was made, so work queued there
+    after a hand-over runs after the copies. ``cancel()`` stops it and drops what was not taken."""
 
     def __init__(self, ckpt, device: torch.device, names: list[str], threads=None, timeline: Timeline | None = None):
         self.device = device
-        self.names = set(names)
+        self._got: list[tuple[str, torch.Tensor]] = []
+        self._taken = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
         requests = [Request(n, n, ckpt.meta(n).nbytes, shared=True) for n in names]  # all kept as they are
         reserve_cached(device, device_bytes(requests))  # they all stay: one block, no tails
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None  # a CPU device: tests
+        self._thread = threading.Thread(target=self._run, args=(ckpt, requests, stream, threads, timeline),
+                                        daemon=True, name="fastq-early-reads")
+        self._thread.start()
 
-        def bring(arrived, stop) -> None:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                stream_to_device(ckpt, requests, device, arrived, threads=threads, timeline=timeline, stop=stop)
+    def _run(self, ckpt, requests, stream, threads, timeline) -> None:
+        try:
+            with _prompt_gil(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                stream_to_device(ckpt, requests, self.device, self._arrived, threads=threads, timeline=timeline,
+                                 stop=self._stop)
+        except BaseException as e:  # noqa: BLE001 - raised again where the tensors are taken
+            self._error = e
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
 
-        self.start(bring, "fastq-early-reads")
+    def _arrived(self, name: str, buf: torch.Tensor) -> None:
+        with self._cond:
+            self._got.append((name, buf))
+            self._cond.notify_all()
+
+    def arrivals(self):
+        """Yields ``(tensor name, uint8 device buffer)`` as each lands, until all have; then raises what
+        stopped the stream, if anything did."""
+        while True:
+            with self._cond:
+                while self._taken == len(self._got) and not self._done:
+                    self._cond.wait()
+                if self._taken == len(self._got):
+                    break
+                item, self._got[self._taken] = self._got[self._taken], None
+                self._taken += 1
+            yield item
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """Stops the stream (the reads in flight end first) and frees what was not taken."""
+        self._stop.set()
+        self._thread.join()
+        with self._cond:
+            self._got, self._taken = [], 0
 
 
-def start_early_reads(ckpt, device_map, dtype: torch.dtype, threads=None, timeline: Timeline | None = None,
-                      prequantized: bool = False) -> Arrivals | None:
-    """Tensors brought to their GPU while the skeleton is built, when ``device_map`` sends everything to
-    one GPU; else None. Straight from the page cache where it can (``page_cache.PageCacheReads``: the
-    large tensors of a resident checkpoint, pre-quantized or not); otherwise, for an unquantized
-    checkpoint only, every tensor through the ring (``EarlyReads``; a pre-quantized one's ~1,400 small
-    statistics fought the skeleton for the GIL there, module docstring)."""
-    from . import page_cache
-
+def start_early_reads(ckpt, device_map, dtype: torch.dtype, threads=None, timeline: Timeline | None = None):
+    """``EarlyReads`` of an unquantized load's ``early_names`` when ``device_map`` sends everything to
+    one GPU; else None."""
     dev = cuda_device(dmap_mod.single_device(device_map))
-    if dev is None:
-        return None
-    if page_cache.ENABLED:
-        reads = page_cache.PageCacheReads(ckpt, dev, early_names(ckpt, dtype, every=False), timeline)
-        if reads.names:
-            return reads
-        reads.cancel()
-    names = early_names(ckpt, dtype) if EARLY_READS and not prequantized else None
+    names = early_names(ckpt, dtype) if EARLY_READS and dev is not None else None
     return EarlyReads(ckpt, dev, names, threads, timeline) if names else None
 
 
-def early_names(ckpt, dtype: torch.dtype, every: bool = True) -> list[str] | None:
-    """The tensors to bring before the plan is made, in file order: those that need no cast to ``dtype``
-    (a cast one would be held twice until then). ``every``: all of them or None."""
+def early_names(ckpt, dtype: torch.dtype) -> list[str] | None:
+    """Every tensor of an unquantized checkpoint, in file order; None when a stored float tensor would be
+    cast to ``dtype`` (it would be held twice until the plan is made)."""
     names = list(ckpt)
-    keep = [n for n in names if not (ckpt.meta(n).torch_dtype.is_floating_point and ckpt.meta(n).torch_dtype != dtype)]
-    if every:
-        return names if len(keep) == len(names) else None
-    return keep
+    if any(ckpt.meta(n).torch_dtype.is_floating_point and ckpt.meta(n).torch_dtype != dtype for n in names):
+        return None
+    return names
 
 
 def fill_on_device(
@@ -228,12 +284,10 @@ def _fill_one(model, ckpt, entries, dev: torch.device, spec, threads, timeline, 
             if on_placed is not None:
                 on_placed(e)
 
-    if early is not None:  # the rest through the ring first, while the early thread may still be bringing
-        rest = [r for r in requests if r.pieces or r.tensor not in early.names]
-        reserve_cached(dev, device_bytes(r for r in rest if r.shared))
-        stream_to_device(ckpt, rest, dev, on_ready, threads=threads, timeline=timeline)
-        requests = _take_early(early, [r for r in requests if not r.pieces and r.tensor in early.names], on_ready)
-    reserve_cached(dev, device_bytes(r for r in requests if r.shared))
+    if early is not None:
+        requests = _take_early(early, requests, on_ready)
+    else:
+        reserve_cached(dev, device_bytes(r for r in requests if r.shared))
     stream_to_device(ckpt, requests, dev, on_ready, threads=threads, timeline=timeline)
 
 

@@ -108,8 +108,8 @@ def load(
     if gpu:
         if qcfg is not None and not inputs.prequantized and quantize_on != "cpu":
             warm = warm_kernels(qcfg.spec, torch.device("cuda", torch.cuda.current_device()))
-        elif (qcfg is None or inputs.prequantized) and share is None:  # bytes kept as they are: bring them now
-            early = start_early_reads(ckpt, device_map, dtype, threads, timeline, inputs.prequantized)
+        elif qcfg is None and share is None:  # unquantized bytes for one GPU: read them while it is built
+            early = start_early_reads(ckpt, device_map, dtype, threads, timeline)
     try:
         caller_model = model is not None
         if model is None and src.config_path is None:
@@ -158,7 +158,7 @@ def load(
         return model
     finally:
         if early is not None:
-            early.cancel()  # stop the reads and free what no fill took (a failed load); unpin the page cache
+            early.cancel()  # a load that failed before its fill took them: stop the reads, free the buffers
 
 
 def _plan(model, inputs: Inputs) -> Plan:

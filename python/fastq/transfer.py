@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -28,8 +27,7 @@ import torch
 from . import _fastq
 
 __all__ = [
-    "ALIGN", "EARLY_SWITCH_INTERVAL", "LAST_TIMELINE", "Arrivals", "PinnedRing", "Request", "Timeline", "copy_stream",
-    "device_bytes", "prefetch_ring", "prompt_gil",
+    "ALIGN", "LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "copy_stream", "device_bytes", "prefetch_ring",
     "reserve_cached", "ring_for", "stream_to_device", "to_device",
 ]
 
@@ -285,93 +283,6 @@ class _Last:
 
 
 LAST_TIMELINE = _Last()
-
-
-#: The GIL switch interval while a thread brings tensors early (CPython's default is 5 ms).
-EARLY_SWITCH_INTERVAL = 2e-4
-_SWITCH_LOCK = threading.Lock()
-_switch = {"active": 0, "saved": 0.0}
-
-
-@contextlib.contextmanager
-def prompt_gil():
-    """A shorter GIL switch interval while a thread brings tensors (``Arrivals``). It runs beside the
-    skeleton's build, pure Python that holds the GIL; each of its steps (queue a copy, hand a slot back
-    to a read, pin the next chunk) needs the GIL for microseconds, and waited up to the 5 ms default
-    for it: 3.9 GB of copies then crawled at 21 GB/s (BENCHMARKS.md, run 11). Process-wide; the first
-    such thread to start saves the interval, the last to end restores it."""
-    with _SWITCH_LOCK:
-        if _switch["active"] == 0:
-            _switch["saved"] = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch["saved"], EARLY_SWITCH_INTERVAL))
-        _switch["active"] += 1
-    try:
-        yield
-    finally:
-        with _SWITCH_LOCK:
-            _switch["active"] -= 1
-            if _switch["active"] == 0:
-                sys.setswitchinterval(_switch["saved"])
-
-
-class Arrivals:
-    """Device buffers of checkpoint tensors handed from a thread that brings them (``start`` runs
-    ``bring(arrived, stop)`` there) to the thread that places them (``arrivals()``), in the order they
-    land, before anything knows which parameter each one fills. ``cancel()`` stops the thread and drops
-    what was not taken. Subclasses: ``device_fill.EarlyReads`` (through the ring), ``page_cache.PageCacheReads``
-    (straight from the page cache)."""
-
-    device: torch.device
-
-    def start(self, bring: Callable, name: str) -> None:
-        """Runs ``bring(arrived, stop)`` on a daemon thread: ``arrived(tensor name, uint8 device buffer)``
-        for each tensor, ``stop`` an event set by ``cancel``. What it raises is raised in ``arrivals()``."""
-        self._got: list[tuple[str, torch.Tensor] | None] = []
-        self._taken = 0
-        self._done = False
-        self._error: BaseException | None = None
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(bring,), daemon=True, name=name)
-        self._thread.start()
-
-    def _run(self, bring: Callable) -> None:
-        try:
-            with prompt_gil():
-                bring(self._arrived, self._stop)
-        except BaseException as e:  # noqa: BLE001 - raised again where the tensors are taken
-            self._error = e
-        finally:
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
-
-    def _arrived(self, name: str, buf: torch.Tensor) -> None:
-        with self._cond:
-            self._got.append((name, buf))
-            self._cond.notify_all()
-
-    def arrivals(self):
-        """Yields ``(tensor name, uint8 device buffer)`` as each lands, until all have; then raises what
-        stopped the thread, if anything did."""
-        while True:
-            with self._cond:
-                while self._taken == len(self._got) and not self._done:
-                    self._cond.wait()
-                if self._taken == len(self._got):
-                    break
-                item, self._got[self._taken] = self._got[self._taken], None
-                self._taken += 1
-            yield item
-        if self._error is not None:
-            raise self._error
-
-    def cancel(self) -> None:
-        """Stops the thread (what it has in flight ends first) and frees what was not taken."""
-        self._stop.set()
-        self._thread.join()
-        with self._cond:
-            self._got, self._taken = [], 0
 
 
 def device_bytes(requests: Iterable[Request]) -> int:

@@ -109,12 +109,6 @@ impl Checkpoint {
         .py_err()
     }
 
-    /// Where tensor `name`'s bytes start in its shard file (absolute offset; the shard is the
-    /// `tensors()` entry's path): for copies straight from a shared mapping of the file.
-    fn offset(&self, name: &str) -> PyResult<usize> {
-        Ok(self.inner.info(name).py_err()?.start)
-    }
-
     /// Total bytes of tensor data.
     fn total_bytes(&self) -> usize {
         self.inner.total_bytes()
