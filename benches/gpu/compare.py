@@ -331,7 +331,8 @@ def main() -> None:
         r["page_cache_gbps"] = bw
         results.append(r)
         print(json.dumps(r), flush=True)
-    (out / "gpu_results.json").write_text(json.dumps(results, indent=1))
+        # after every case: a call cut by its time limit still brings back what it measured (run 13's A)
+        (out / "gpu_results.json").write_text(json.dumps(results, indent=1))
     by = {r["case"]: r for r in results}
     for a, b in (("tf_nf4", "fq_nf4"), ("tf_nf4", "fq_nf4_cpu"), ("tf_int8", "fq_int8"), ("tf_pre", "fq_pre"),
                  ("tf_nf4", "fq_pre"), ("tf_pre8", "fq_pre8"), ("tf_plain", "fq_plain"),

@@ -10,6 +10,12 @@ stream, so the DMA engine fills the next buffers while the caller's stream quant
 ones (on one stream the two took turns: BENCHMARKS.md, run 10). No torch thread pool runs in the hot
 path (the DMA engine copies, the Rust pool reads), and nothing is copied through pageable memory.
 ``stream_to_device`` is the engine; ``Timeline`` records when each stage ran.
+
+Why the checkpoint is read into the ring rather than copied from the page cache where it lies: pinning
+the cached pages in place (``cudaHostRegister`` of a read-only shared mapping, 21-43 GB/s with one to
+eight threads) and copying from them (55 GB/s) take turns - the copies wait for the pinning - while
+the ring's reads and copies overlap; a pre-quantized reload was no faster that way and a plain load
+slower (BENCHMARKS.md run 14, commit d4c91d5).
 """
 
 from __future__ import annotations
