@@ -2,6 +2,7 @@
 ``1/x`` (run on the GPU machine).
 
     python3 benches/gpu/rcp_table.py --out $OUT [--dry-run]
+    python3 benches/gpu/rcp_table.py --sass-only [--cuda 130]
 
 bitsandbytes builds its CUDA kernels with ``--use_fast_math``: a block is scaled by ``1.0f / absmax``, which
 becomes ``rcp.approx.ftz.f32`` (the SFU's MUFU.RCP), not the correctly rounded reciprocal fastq's CPU
@@ -17,8 +18,11 @@ and ``delta`` (int8, the approximate result minus the correctly rounded one, in 
 name in the metadata. With the table a CPU kernel can take the GPU's reciprocal bit for bit; the fixture
 (tests/fixtures/bnb_cuda_nested.safetensors) then says whether that removes every difference.
 
-Where the machine has ``cuobjdump``, the summary also counts the reciprocal instructions in bitsandbytes'
-quantize kernels (MUFU.RCP: the approximate one; FCHK marks a correctly rounded division).
+The summary also counts the reciprocal instructions in bitsandbytes' quantize kernels (``--sass-only``: that
+alone, no GPU needed; ``cuobjdump`` from the PATH or Triton's package). Seen 2026-12-07 on the 2-core
+machine, bitsandbytes 0.50.2's libbitsandbytes_cuda130.so, sm_90: every kQuantizeBlockwise (78 kernels, the Small ones included)
+and kInt8VectorQuant (2) holds MUFU.RCP and no FCHK - the int8 kernel's scale is ``MUFU.RCP`` then
+``FMUL.FTZ`` by 127, the form fastq's int8 kernel computes with the correctly rounded reciprocal.
 
 ``--dry-run`` (no GPU): the same steps with the correctly rounded reciprocal in place of the GPU's, to
 check the script; the table is then empty.
@@ -63,37 +67,58 @@ def ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64)
 
 
-def sass_reciprocals() -> dict:
-    """Which reciprocal instructions bitsandbytes' quantize kernels hold (``cuobjdump -sass`` of its CUDA
-    library, where the machine has cuobjdump): MUFU.RCP is the approximate one."""
-    import glob
+def cuobjdump() -> str | None:
+    """A ``cuobjdump``: on the PATH, else the one Triton's package carries (the GPU machine's image has
+    Triton; so can a machine without a GPU)."""
     import shutil
+
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(p) if p.exists() else None
+
+
+def sass_reciprocals(arch: str = "sm_90", cuda: str | None = None) -> dict:
+    """The reciprocal instructions in bitsandbytes' quantize kernels for ``arch`` (an H100's or H200's),
+    in its CUDA library for the running torch's CUDA (or ``cuda``, e.g. "130"): MUFU.RCP is the
+    approximate reciprocal; FCHK would mark a correctly rounded division. Needs no GPU."""
     import subprocess
 
     import bitsandbytes
 
-    tool = shutil.which("cuobjdump")
-    libs = sorted(glob.glob(str(Path(bitsandbytes.__file__).parent / "libbitsandbytes_cuda*.so")))
-    if tool is None or not libs:
-        return {"checked": False, "why": "no cuobjdump" if tool is None else "no CUDA library"}
-    text = subprocess.run([tool, "-sass", libs[-1]], check=False, capture_output=True, text=True).stdout
+    tool = cuobjdump()
+    version = cuda or (torch.version.cuda or "13.0").replace(".", "")
+    lib = Path(bitsandbytes.__file__).parent / f"libbitsandbytes_cuda{version}.so"
+    if tool is None or not lib.exists():
+        return {"checked": False, "why": "no cuobjdump" if tool is None else f"no {lib.name}"}
+    text = subprocess.run([tool, "-sass", "-arch", arch, str(lib)], check=False, capture_output=True, text=True).stdout
     out: dict[str, dict[str, int]] = {}
     for part in text.split("Function : ")[1:]:  # one per kernel, its mangled name first
         name = part.split(maxsplit=1)[0]
         for fn in ("kQuantizeBlockwise", "kInt8VectorQuant"):
             if fn in name:
-                counts = out.setdefault(fn, {"kernels": 0, "MUFU.RCP": 0, "FCHK": 0})
+                counts = out.setdefault(fn, {"kernels": 0, "with MUFU.RCP": 0, "FCHK": 0})
                 counts["kernels"] += 1
-                counts["MUFU.RCP"] += part.count("MUFU.RCP")
+                counts["with MUFU.RCP"] += "MUFU.RCP" in part
                 counts["FCHK"] += part.count("FCHK")
-    return {"checked": True, "library": Path(libs[-1]).name, "kernels": out}
+    return {"checked": True, "library": lib.name, "arch": arch, "kernels": out}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/fastq-rcp"))
     ap.add_argument("--dry-run", action="store_true", help="no GPU: the correctly rounded reciprocal stands in")
+    ap.add_argument("--sass-only", action="store_true", help="only the instructions of bitsandbytes' kernels (no GPU)")
+    ap.add_argument("--cuda", help='the bitsandbytes CUDA library to read, e.g. "130" (default: torch\'s CUDA)')
     args = ap.parse_args()
+    if args.sass_only:
+        print(json.dumps(sass_reciprocals(cuda=args.cuda)))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     approx = exact if args.dry_run else approx_gpu
     x = mantissas()
@@ -122,7 +147,7 @@ def main() -> None:
     save_file({"index": index, "delta": delta.astype(np.int8)}, str(args.out / "rcp_approx.safetensors"), metadata=meta)
     summary = {"device": name, "differ": int(index.size), "of": 1 << 23,
                "deltas": {int(k): int(v) for k, v in zip(*np.unique(delta, return_counts=True), strict=True)},
-               "binades_not_scaling": bad, "bitsandbytes_sass": {} if args.dry_run else sass_reciprocals()}
+               "binades_not_scaling": bad, "bitsandbytes_sass": sass_reciprocals(cuda=args.cuda)}
     (args.out / "rcp_approx.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
 
