@@ -15,7 +15,9 @@ ends of the range, which the script checks on a sample of every binade), so 2^23
 This script computes them on the GPU - an NVRTC kernel with the one PTX instruction, through torch's
 jiterator - and writes ``rcp_approx.safetensors``: ``index`` (uint32 mantissa bits where the two differ)
 and ``delta`` (int8, the approximate result minus the correctly rounded one, in ulps), with the GPU's
-name in the metadata. With the table a CPU kernel can take the GPU's reciprocal bit for bit; the fixture
+name in the metadata; the summary says how many of those lie within one ulp of the true 1/x (all of them:
+one bit per mantissa then says the GPU's reciprocal). With the table a CPU kernel can take the GPU's
+reciprocal bit for bit; the fixture
 (tests/fixtures/bnb_cuda_nested.safetensors) then says whether that removes every difference.
 
 The summary also counts the reciprocal instructions in bitsandbytes' quantize kernels (``--sass-only``: that
@@ -128,6 +130,11 @@ def main() -> None:
     delta = d[index]
     if np.abs(delta).max(initial=0) > 127:
         sys.exit("a difference beyond an int8 of ulps: not an approximate reciprocal")
+    # Within one ulp of the true 1/x, a result that is not the correctly rounded one can only be the other
+    # float32 neighbour of 1/x: then one bit per mantissa says the GPU's reciprocal whole.
+    true = 1.0 / x[index].astype(np.float64)
+    other_side = np.abs(got[index].astype(np.float64) - true) < np.abs(
+        np.nextafter(got[index], np.float32(np.inf)).astype(np.float64) - got[index].astype(np.float64))
     # The scaling claim, on a sample of every binade the quantizers meet (absmax from 2^-126 to 2^127).
     rng = np.random.default_rng(0)
     sample = x[rng.integers(0, 1 << 23, 4096)]
@@ -147,6 +154,7 @@ def main() -> None:
     save_file({"index": index, "delta": delta.astype(np.int8)}, str(args.out / "rcp_approx.safetensors"), metadata=meta)
     summary = {"device": name, "differ": int(index.size), "of": 1 << 23,
                "deltas": {int(k): int(v) for k, v in zip(*np.unique(delta, return_counts=True), strict=True)},
+               "within_one_ulp_of_1/x": int(other_side.sum()),
                "binades_not_scaling": bad, "bitsandbytes_sass": sass_reciprocals(cuda=args.cuda)}
     (args.out / "rcp_approx.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
