@@ -8,6 +8,7 @@ reference) crashes in its forward pass.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -145,14 +146,19 @@ def nested_stat_close(key: str, ref: torch.Tensor, got: torch.Tensor) -> bool:
 RCP_TABLE = os.path.join(os.path.dirname(__file__), "..", "rust", "core", "quant", "rcp_gpu.bin")
 
 
+@functools.cache
+def _rcp_table() -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.fromfile(RCP_TABLE, dtype=np.uint8)).long()
+
+
 def gpu_reciprocal(x: torch.Tensor) -> torch.Tensor:
     """``rcp.approx.ftz.f32`` of a float32 tensor as bitsandbytes' CUDA kernels take it, from the measured
     map: where ``x`` and ``1 / x`` are normal and the map's bit for ``x``'s mantissa is set, the other
     float32 neighbour of the true 1/x; elsewhere the correctly rounded reciprocal (as fastq keeps it)."""
-    import numpy as np
-
     x = x.float()
-    table = torch.from_numpy(np.fromfile(RCP_TABLE, dtype=np.uint8)).long()
+    table = _rcp_table()
     r = torch.tensor(1.0) / x
     tiny = torch.finfo(torch.float32).tiny
     normal = torch.isfinite(x) & (x.abs() >= tiny) & torch.isfinite(r) & (r.abs() >= tiny)
@@ -166,6 +172,57 @@ def gpu_reciprocal(x: torch.Tensor) -> torch.Tensor:
 def reciprocal_differs(x: torch.Tensor) -> torch.Tensor:
     """Where the GPU's reciprocal of ``x`` is not the correctly rounded one (a boolean mask)."""
     return gpu_reciprocal(x) != torch.tensor(1.0) / x.float()
+
+
+def int8_rows_as_on_the_gpu(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CPU CB of float16 ``x`` with the rows whose SCB's reciprocal the GPU rounds the other
+    way requantized as its CUDA kernel does: ``round_half_even(x * (gpu_reciprocal(SCB) * 127))``."""
+    rows = reciprocal_differs(scb) & (scb != 0)
+    if not bool(rows.any()):
+        return cb
+    cb = cb.clone()
+    scale = gpu_reciprocal(scb[rows]) * torch.tensor(127.0)
+    cb[rows] = torch.round(x[rows].float() * scale.reshape(-1, 1)).to(torch.int8)
+    return cb
+
+
+def int8_quant_as_on_the_gpu(cpu):
+    """``bitsandbytes.functional.int8_vectorwise_quant`` (``cpu``) with the weights' CB (threshold 0) as its
+    CUDA kernel rounds them (``int8_rows_as_on_the_gpu``)."""
+
+    def quant(A, threshold=0.0):
+        cb, scb, cols = cpu(A, threshold)
+        if threshold == 0.0 and A.dim() == 2 and A.device.type == "cpu":
+            cb = int8_rows_as_on_the_gpu(A, cb, scb)
+        return cb, scb, cols
+
+    return quant
+
+
+@pytest.fixture(autouse=True)
+def bitsandbytes_as_on_the_gpu(monkeypatch):
+    """transformers' reference quantizes int8 weights with bitsandbytes' CPU kernel, whose 127 / SCB is
+    correctly rounded; fastq follows the CUDA kernel, which takes the GPU's reciprocal. This makes the
+    reference's CB the CUDA kernel's, so whole models compare bit for bit and logit for logit;
+    tests/test_quantize_bnb.py compares against the CPU kernel itself (its op, unpatched). A test's
+    subprocesses get the same with ``env=env_as_on_the_gpu(folder)``."""
+    import bitsandbytes.functional as F
+
+    monkeypatch.setattr(F, "int8_vectorwise_quant", int8_quant_as_on_the_gpu(F.int8_vectorwise_quant))
+
+
+def env_as_on_the_gpu(folder) -> dict:
+    """The environment for a test's subprocesses (and theirs) with ``bitsandbytes_as_on_the_gpu`` in
+    effect: a ``sitecustomize`` in ``folder``, first on PYTHONPATH, installs it at start-up."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(
+            f"import sys; sys.path.insert(0, {tests!r})\n"
+            "import bitsandbytes.functional as F, conftest\n"
+            "F.int8_vectorwise_quant = conftest.int8_quant_as_on_the_gpu(F.int8_vectorwise_quant)\n"
+        )
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder)] + ([path] if path else []))}
 
 
 def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:

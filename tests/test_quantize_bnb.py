@@ -19,7 +19,6 @@ import math
 import os
 import zlib
 
-import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import fastq
 import pytest
@@ -566,8 +565,10 @@ def int8_values(kind: str, shape, dtype: torch.dtype, g: torch.Generator) -> tor
 
 
 def bnb_int8(t: torch.Tensor):
-    p = bnb.nn.Int8Params(t.clone(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
-    return p.CB, p.SCB
+    """bitsandbytes' CPU kernel as ``Int8Params._quantize`` calls it (its op: conftest's
+    ``bitsandbytes_as_on_the_gpu`` patches the Python function)."""
+    cb, scb, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(t.contiguous().to(torch.float16), 0.0)
+    return cb, scb
 
 
 def cuda_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
