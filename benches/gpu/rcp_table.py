@@ -18,7 +18,8 @@ little-endian: where the two differ, and where the approximate one is the larger
 ``far_delta`` (the mantissas where they lie more than one ulp apart, and by how many ulps), with the
 GPU's name in the metadata - 2 MiB whatever the count, so it comes back from the device machine; the
 summary says how many differing results lie within one ulp of the true 1/x (all of them: ``differs``
-alone then says the GPU's reciprocal). With the table a CPU kernel can take the GPU's
+alone then says the GPU's reciprocal, and is written raw as ``rcp_gpu.bin``, the map
+rust/core/quant/reciprocal.rs includes). With the table a CPU kernel can take the GPU's
 reciprocal bit for bit; the fixture
 (tests/fixtures/bnb_cuda_nested.safetensors) then says whether that removes every difference.
 
@@ -163,6 +164,8 @@ def main() -> None:
     table = {"differs": np.packbits(d != 0, bitorder="little"), "above": np.packbits(d > 0, bitorder="little"),
              "far_index": index[far], "far_delta": delta[far].astype(np.int8)}
     save_file(table, str(args.out / "rcp_approx.safetensors"), metadata=meta)
+    if not far.any() and bool(other_side.all()):  # the map fastq's CPU kernels take: rust/core/quant/rcp_gpu.bin
+        table["differs"].tofile(args.out / "rcp_gpu.bin")
     summary = {"device": name, "differ": int(index.size), "of": 1 << 23,
                "deltas": {int(k): int(v) for k, v in zip(*np.unique(delta, return_counts=True), strict=True)},
                "within_one_ulp_of_1/x": int(other_side.sum()),
