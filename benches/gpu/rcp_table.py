@@ -144,6 +144,13 @@ def main() -> None:
     true = 1.0 / x[index].astype(np.float64)
     other_side = np.abs(got[index].astype(np.float64) - true) < np.abs(
         np.nextafter(got[index], np.float32(np.inf)).astype(np.float64) - got[index].astype(np.float64))
+    # How far from the true 1/x the GPU's result lies, and how close to a rounding midpoint the true 1/x of
+    # a differing mantissa comes: if the differing ones all lie near midpoints, a kernel need consult the map
+    # only where the correctly rounded reciprocal is near one (residual from the f64 quotient).
+    t_all = 1.0 / x.astype(np.float64)
+    ulp = np.spacing(want).astype(np.float64)
+    err = np.abs(got.astype(np.float64) - t_all) / ulp
+    mid = np.abs(np.abs(want.astype(np.float64) - t_all) / ulp - 0.5)
     # The scaling claim, on a sample of every binade the quantizers meet (absmax from 2^-126 to 2^127).
     rng = np.random.default_rng(0)
     sample = x[rng.integers(0, 1 << 23, 4096)]
@@ -169,6 +176,9 @@ def main() -> None:
     summary = {"device": name, "differ": int(index.size), "of": 1 << 23,
                "deltas": {int(k): int(v) for k, v in zip(*np.unique(delta, return_counts=True), strict=True)},
                "within_one_ulp_of_1/x": int(other_side.sum()),
+        "max_error_ulps": float(err.max()),
+        "differing_max_distance_from_midpoint_ulps": float(mid[index].max(initial=0.0)),
+        "agreeing_within_that_of_midpoint": int(np.sum(mid[d == 0] <= mid[index].max(initial=0.0))),
                "binades_not_scaling": bad}
     if not args.no_sass:
         summary["bitsandbytes_sass"] = sass_reciprocals(cuda=args.cuda)
