@@ -178,7 +178,18 @@ def test_an_error_in_a_callback_leaves_no_read_in_the_ring(ckpt):
     assert not ring.lock.locked()
 
 
-def test_early_reads_hand_over_every_tensor_in_file_order(ckpt):
+@pytest.fixture(params=["rust", "python"])
+def engine(request, monkeypatch):
+    """Both engines of the early reads: ``_fastq.Upload`` (the default) and ``stream_to_device`` on a thread."""
+    monkeypatch.setattr(device_fill, "EARLY_ENGINE", request.param)
+    return request.param
+
+
+def _ring_free() -> bool:
+    return transfer._RING is None or not transfer._RING.lock.locked()
+
+
+def test_early_reads_hand_over_every_tensor_in_file_order(ckpt, engine):
     ck, tensors = ckpt
     early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
     got = list(early.arrivals())
@@ -188,7 +199,7 @@ def test_early_reads_hand_over_every_tensor_in_file_order(ckpt):
     early.cancel()  # after the end: nothing to stop, returns
 
 
-def test_early_reads_raise_the_read_error_where_they_are_taken(ckpt, tmp_path):
+def test_early_reads_raise_the_read_error_where_they_are_taken(ckpt, tmp_path, engine):
     ck, _ = ckpt
     path = tmp_path / "model.safetensors"
     os.truncate(path, os.path.getsize(path) - 100)
@@ -196,15 +207,67 @@ def test_early_reads_raise_the_read_error_where_they_are_taken(ckpt, tmp_path):
     with pytest.raises(fastq.TruncatedShardError) as e:
         list(early.arrivals())
     assert e.value.tensor == ck.keys()[-1] and e.value.path == str(path)
+    early.cancel()
+    assert early._upload is None and early._ring is None
 
 
-def test_cancelled_early_reads_end_their_arrivals_and_drop_their_buffers(ckpt):
+def test_cancelled_early_reads_end_their_arrivals_and_drop_their_buffers(ckpt, engine):
     ck, _ = ckpt
     early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
     early.cancel()
     assert not early._thread.is_alive()
-    assert [x for x in early._got if x is not None] == []
+    assert [x for x in early._got if x is not None] == [] and early._order == []
+    assert early._upload is None and early._ring is None  # the Rust upload ended, its ring handed back
     assert list(early.arrivals()) == []  # ends: no wait for tensors that will not come
+
+
+def test_the_rust_upload_fills_shared_blocks_of_small_neighbours_and_lone_large_tensors(tmp_path, monkeypatch):
+    """device_fill._allocate + _fastq.Upload: tensors under SMALL_TENSOR next to each other are views of
+    one block (each at a multiple of ALIGN), larger ones alone; every byte lands, through a ring of
+    slots smaller than the large tensor, and the timeline gets the upload's reads and copies."""
+    monkeypatch.setattr(device_fill, "SMALL_TENSOR", 4096)
+    g = torch.Generator().manual_seed(5)
+    tensors = {"a.absmax": torch.randn(33, generator=g), "a.weight": torch.randint(0, 255, (3000, 7), generator=g,
+               dtype=torch.uint8), "b.absmax": torch.randn(5, generator=g), "b.quant_map": torch.randn(16, generator=g),
+               "c.weight": torch.randint(0, 255, (9000,), generator=g, dtype=torch.uint8)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ck = fastq.open(tmp_path / "model.safetensors")
+    timeline = transfer.Timeline()
+    early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2, timeline=timeline)
+    got = dict(early.arrivals())
+    for name, t in tensors.items():
+        assert torch.equal(got[name], t.reshape(-1).view(torch.uint8)), name
+    base = {n: b.untyped_storage().data_ptr() for n, b in got.items()}
+    assert ck.keys() == ["a.absmax", "b.absmax", "b.quant_map", "a.weight", "c.weight"]  # safetensors' file order
+    assert base["a.absmax"] == base["b.absmax"] == base["b.quant_map"]  # neighbours share a block
+    assert len({base["a.absmax"], base["a.weight"], base["c.weight"]}) == 3
+    assert all((b.data_ptr() - base[n]) % transfer.ALIGN == 0 for n, b in got.items())
+    s = timeline.summary()
+    assert s["read"]["GB"] * 1e9 >= sum(b.numel() for b in got.values())
+    assert s["copy"]["GB"] == s["read"]["GB"] and s["copy"]["end"] >= s["copy"]["start"]
+    assert _ring_free()
+
+
+def test_the_rust_upload_refuses_a_bad_request_before_it_reads():
+    """_fastq.Upload checks every request against the checkpoint first: a piece outside its tensor or
+    its buffer is an InvalidArgumentError, an unknown tensor an UnknownTensorError."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        save_file({"t": torch.arange(10, dtype=torch.uint8)}, os.path.join(d, "m.safetensors"))
+        ck = fastq.open(os.path.join(d, "m.safetensors"))
+        dst, slot = torch.zeros(10, dtype=torch.uint8), torch.zeros(4096, dtype=torch.uint8).numpy()
+        with pytest.raises(fastq.InvalidArgumentError):
+            fastq._fastq.Upload(ck.native, [(dst.data_ptr(), 5, [("t", 0, 10, 0)])], [slot])
+        with pytest.raises(fastq.UnknownTensorError):
+            fastq._fastq.Upload(ck.native, [(dst.data_ptr(), 10, [("u", 0, 10, 0)])], [slot])
+        with pytest.raises(fastq.InvalidArgumentError):
+            fastq._fastq.Upload(ck.native, [], [])
+        up = fastq._fastq.Upload(ck.native, [(dst.data_ptr(), 10, [("t", 0, 10, 0)])], [slot])
+        assert up.wait() == 1 and up.finished() and up.done() == 1
+        assert torch.equal(dst, torch.arange(10, dtype=torch.uint8))
+        with pytest.raises(fastq.DeviceError if not torch.cuda.is_available() else fastq.FastqError):
+            fastq._fastq.Upload(ck.native, [(dst.data_ptr(), 10, [("t", 0, 10, 0)])], [slot], stream=0)
 
 
 def test_take_early_gives_each_request_its_tensor_once():
@@ -236,6 +299,42 @@ def test_early_names_are_the_file_order_unless_a_tensor_would_be_cast(tmp_path):
     ck = fastq.open(tmp_path / "model.safetensors")
     assert early_names(ck, torch.bfloat16) == ck.keys()
     assert early_names(ck, torch.float16) is None  # the bfloat16 weights would be cast: not read early
+
+
+def test_early_names_of_a_prequantized_checkpoint_skip_what_the_host_reads_or_the_plan_casts(tmp_path):
+    """A pre-quantized checkpoint's early reads: packed weights, statistics (any dtype) and the tensors
+    stored in the load's dtype; not the QuantState JSONs nor int8 layout markers (read on the host) nor
+    a float tensor other than a statistic that would be cast."""
+    def u8(n):
+        return torch.zeros(n, dtype=torch.uint8)
+
+    tensors = {"l.weight": u8(4), "l.weight.absmax": torch.ones(2), "l.weight.quant_map": torch.ones(16),
+               "l.weight.nested_absmax": torch.ones(1), "l.weight.nested_quant_map": torch.ones(256),
+               "l.weight.quant_state.bitsandbytes__nf4": u8(9), "m.weight": u8(4).to(torch.int8), "m.SCB": torch.ones(2),
+               "m.weight_format": u8(1), "norm.weight": torch.ones(4), "embed.weight": torch.ones(4, dtype=torch.bfloat16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ck = fastq.open(tmp_path / "model.safetensors")
+    got = early_names(ck, torch.bfloat16, prequantized=True)
+    assert got == [n for n in ck if n not in ("l.weight.quant_state.bitsandbytes__nf4", "m.weight_format",
+                                                     "norm.weight")]
+    assert "norm.weight" in early_names(ck, torch.float32, prequantized=True)
+    assert early_names(ck, torch.bfloat16) is None  # unquantized rule: a cast turns early reads off
+
+
+@pytest.mark.parametrize(("mode", "plain", "pre"), [("1", True, True), (True, True, True), ("plain", True, False),
+                                                    ("0", False, False), (False, False, False)])
+def test_early_reads_mode_chooses_the_checkpoints_read_early(tmp_path, monkeypatch, mode, plain, pre):
+    """FASTQ_EARLY_READS: "1" both kinds, "plain" unquantized only (before run 15), "0" neither."""
+    save_file({"w": torch.ones(4, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    ck = fastq.open(tmp_path / "model.safetensors")
+    monkeypatch.setattr(device_fill, "EARLY_READS", mode)
+    monkeypatch.setattr(device_fill, "cuda_device", lambda dev: torch.device("cpu"))  # a CPU "GPU"
+    started = []
+    monkeypatch.setattr(device_fill, "EarlyReads", lambda *a, **k: started.append(a[2]) or a[2])
+    for prequantized, want in ((False, plain), (True, pre)):
+        started.clear()
+        got = device_fill.start_early_reads(ck, {"": 0}, torch.bfloat16, prequantized=prequantized)
+        assert (got is not None, started) == (want, [["w"]] if want else []), prequantized
 
 
 def test_single_device_is_known_before_the_model():

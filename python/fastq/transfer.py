@@ -220,12 +220,13 @@ class Request:
 
 @dataclass
 class Timeline:
-    """When each stage ran: reads (host clock), copies and device work (CUDA events), in seconds
-    from ``t0``. ``summary()`` gives busy time and bytes per stage."""
+    """When each stage ran: reads (host clock), copies and device work (CUDA events; the Rust upload's
+    copies on the host clock, from queued to seen finished), in seconds from ``t0``. ``summary()`` gives busy time and bytes per stage."""
 
     t0: float = field(default_factory=time.time)
     reads: list[tuple[float, float, int]] = field(default_factory=list)
     copies: list[tuple[object, object, int]] = field(default_factory=list)
+    host_copies: list[tuple[float, float, int]] = field(default_factory=list)
     work: list[tuple[object, object]] = field(default_factory=list)
     base: object | None = None
     base_time: float = 0.0
@@ -246,6 +247,8 @@ class Timeline:
     def spans(self) -> dict[str, list[tuple[float, float]]]:
         """Every span per stage, in seconds from ``t0`` (device events are synchronized first)."""
         out: dict[str, list[tuple[float, float]]] = {"read": [(a - self.t0, b - self.t0) for a, b, _ in self.reads]}
+        if self.host_copies:
+            out["copy"] = [(a - self.t0, b - self.t0) for a, b, _ in self.host_copies]
         if self.base is not None:
             self.base.synchronize()
             off = self.base_time - self.t0
@@ -253,14 +256,15 @@ class Timeline:
             def rel(ev) -> float:
                 return off + self.base.elapsed_time(ev) / 1e3
 
-            out["copy"] = [(rel(a), rel(b)) for a, b, _ in self.copies]
+            out["copy"] = out.get("copy", []) + [(rel(a), rel(b)) for a, b, _ in self.copies]
             out["device"] = [(rel(a), rel(b)) for a, b in self.work]
         return out
 
     def summary(self) -> dict:
         """Per stage: first start, last end, busy seconds (union of spans), bytes and GB/s over busy time."""
         res = {}
-        nbytes = {"read": sum(n for *_, n in self.reads), "copy": sum(n for *_, n in self.copies)}
+        nbytes = {"read": sum(n for *_, n in self.reads),
+                  "copy": sum(n for *_, n in self.copies) + sum(n for *_, n in self.host_copies)}
         for stage, spans in self.spans().items():
             if not spans:
                 continue
