@@ -94,13 +94,13 @@ def test_float32_checkpoint_cast_then_quantized_on_the_gpu(tiny_model, name):
 @pytest.mark.parametrize("name", ["nf4-dq", "fp4", "int8"])
 def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_path, name, early, monkeypatch):
     """Pre-quantized and plain loads every way: their bytes streamed while the skeleton is built
-    (device_fill.EarlyReads, the default, by the Rust upload or the Python loop) or once the plan is
+    (early_reads.EarlyReads, the default, by the Rust upload or the Python loop) or once the plan is
     made - the same model as transformers each way."""
-    import fastq.device_fill
+    import fastq.early_reads
     import fastq.loader
 
-    monkeypatch.setattr(fastq.device_fill, "EARLY_READS", early is not None)
-    monkeypatch.setattr(fastq.device_fill, "EARLY_ENGINE", early or "rust")
+    monkeypatch.setattr(fastq.early_reads, "EARLY_READS", early is not None)
+    monkeypatch.setattr(fastq.early_reads, "EARLY_ENGINE", early or "rust")
     started, real = [], fastq.loader.start_early_reads
     monkeypatch.setattr(fastq.loader, "start_early_reads", lambda *a, **k: started.append(real(*a, **k)) or started[-1])
     folder = tiny_model("llama")
@@ -154,11 +154,11 @@ def test_a_load_failing_after_its_early_reads_started_stops_them(tiny_model, tmp
 
 
 def test_the_rust_upload_streams_every_byte_through_the_pinned_ring_and_stops_cleanly(tmp_path):
-    """device_fill.EarlyReads on the Rust engine (_fastq.Upload: reads, copies on the driver's stream,
+    """early_reads.EarlyReads on the Rust engine (_fastq.Upload: reads, copies on the driver's stream,
     slots recycled on its events) with 250 MB through the 4 x 64 MiB ring: every tensor lands, small ones
     in shared blocks; an upload cancelled after its first tensor ends, hands the ring back and frees
     its buffers; an upload started where no CUDA context is current is a DeviceError saying so."""
-    from fastq import device_fill, transfer
+    from fastq import early_reads, transfer
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(7)
@@ -168,7 +168,7 @@ def test_the_rust_upload_streams_every_byte_through_the_pinned_ring_and_stops_cl
     ck = fastq.open(tmp_path / "model.safetensors")
     dev = torch.device("cuda", 0)
     timeline = transfer.Timeline()
-    early = device_fill.EarlyReads(ck, dev, ck.keys(), timeline=timeline)
+    early = early_reads.EarlyReads(ck, dev, ck.keys(), timeline=timeline)
     got = dict(early.arrivals())
     for name, t in tensors.items():
         assert got[name].device == dev and torch.equal(got[name].cpu(), t), name
@@ -177,7 +177,7 @@ def test_the_rust_upload_streams_every_byte_through_the_pinned_ring_and_stops_cl
     gc.collect()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    early = device_fill.EarlyReads(ck, dev, ck.keys())
+    early = early_reads.EarlyReads(ck, dev, ck.keys())
     it = early.arrivals()
     next(it)
     early.cancel()

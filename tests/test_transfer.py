@@ -15,9 +15,10 @@ from pathlib import Path
 import fastq
 import pytest
 import torch
-from fastq import device_fill, transfer
-from fastq.device_fill import EarlyReads, _take_early, early_names
+from fastq import early_reads, transfer
+from fastq.device_fill import _take_early
 from fastq.device_map import default_device, single_device
+from fastq.early_reads import EarlyReads, early_names
 from safetensors.torch import save_file
 
 
@@ -181,7 +182,7 @@ def test_an_error_in_a_callback_leaves_no_read_in_the_ring(ckpt):
 @pytest.fixture(params=["rust", "python"])
 def engine(request, monkeypatch):
     """Both engines of the early reads: ``_fastq.Upload`` (the default) and ``stream_to_device`` on a thread."""
-    monkeypatch.setattr(device_fill, "EARLY_ENGINE", request.param)
+    monkeypatch.setattr(early_reads, "EARLY_ENGINE", request.param)
     return request.param
 
 
@@ -222,10 +223,10 @@ def test_cancelled_early_reads_end_their_arrivals_and_drop_their_buffers(ckpt, e
 
 
 def test_the_rust_upload_fills_shared_blocks_of_small_neighbours_and_lone_large_tensors(tmp_path, monkeypatch):
-    """device_fill._allocate + _fastq.Upload: tensors under SMALL_TENSOR next to each other are views of
+    """early_reads._allocate + _fastq.Upload: tensors under SMALL_TENSOR next to each other are views of
     one block (each at a multiple of ALIGN), larger ones alone; every byte lands, through a ring of
     slots smaller than the large tensor, and the timeline gets the upload's reads and copies."""
-    monkeypatch.setattr(device_fill, "SMALL_TENSOR", 4096)
+    monkeypatch.setattr(early_reads, "SMALL_TENSOR", 4096)
     g = torch.Generator().manual_seed(5)
     tensors = {"a.absmax": torch.randn(33, generator=g), "a.weight": torch.randint(0, 255, (3000, 7), generator=g,
                dtype=torch.uint8), "b.absmax": torch.randn(5, generator=g), "b.quant_map": torch.randn(16, generator=g),
@@ -327,13 +328,13 @@ def test_early_reads_mode_chooses_the_checkpoints_read_early(tmp_path, monkeypat
     """FASTQ_EARLY_READS: "1" both kinds, "plain" unquantized only (before run 15), "0" neither."""
     save_file({"w": torch.ones(4, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
     ck = fastq.open(tmp_path / "model.safetensors")
-    monkeypatch.setattr(device_fill, "EARLY_READS", mode)
-    monkeypatch.setattr(device_fill, "cuda_device", lambda dev: torch.device("cpu"))  # a CPU "GPU"
+    monkeypatch.setattr(early_reads, "EARLY_READS", mode)
+    monkeypatch.setattr(early_reads.dmap_mod, "cuda_device", lambda dev: torch.device("cpu"))  # a CPU "GPU"
     started = []
-    monkeypatch.setattr(device_fill, "EarlyReads", lambda *a, **k: started.append(a[2]) or a[2])
+    monkeypatch.setattr(early_reads, "EarlyReads", lambda *a, **k: started.append(a[2]) or a[2])
     for prequantized, want in ((False, plain), (True, pre)):
         started.clear()
-        got = device_fill.start_early_reads(ck, {"": 0}, torch.bfloat16, prequantized=prequantized)
+        got = early_reads.start_early_reads(ck, {"": 0}, torch.bfloat16, prequantized=prequantized)
         assert (got is not None, started) == (want, [["w"]] if want else []), prequantized
 
 
@@ -346,17 +347,17 @@ def test_single_device_is_known_before_the_model():
 
 
 def test_early_reads_shorten_the_gil_switch_interval_while_they_run():
-    """device_fill._prompt_gil: the first of overlapping early reads sets the short interval, the last
+    """early_reads._prompt_gil: the first of overlapping early reads sets the short interval, the last
     to end restores the caller's - whatever order they end in."""
     old = sys.getswitchinterval()
     try:
         sys.setswitchinterval(0.004)
-        a, b = device_fill._prompt_gil(), device_fill._prompt_gil()
+        a, b = early_reads._prompt_gil(), early_reads._prompt_gil()
         a.__enter__()
-        assert sys.getswitchinterval() == pytest.approx(device_fill.EARLY_SWITCH_INTERVAL)
+        assert sys.getswitchinterval() == pytest.approx(early_reads.EARLY_SWITCH_INTERVAL)
         b.__enter__()
         a.__exit__(None, None, None)
-        assert sys.getswitchinterval() == pytest.approx(device_fill.EARLY_SWITCH_INTERVAL)
+        assert sys.getswitchinterval() == pytest.approx(early_reads.EARLY_SWITCH_INTERVAL)
         b.__exit__(None, None, None)
         assert sys.getswitchinterval() == pytest.approx(0.004)
     finally:

@@ -25,8 +25,9 @@ from . import shard as shard_mod
 from . import transfer
 from .checkpoint import Checkpoint
 from .config import QuantConfig
-from .device_fill import start_early_reads, warm_kernels
+from .device_fill import warm_kernels
 from .dispatch import finalize, raise_glibc_mmap_threshold
+from .early_reads import start_early_reads
 from .errors import ConfigError
 from .logs import quiet_bitsandbytes
 from .placement import fill, start_prefetch
