@@ -10,6 +10,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import fastq
@@ -247,6 +248,28 @@ def test_the_rust_upload_fills_shared_blocks_of_small_neighbours_and_lone_large_
     assert s["read"]["GB"] * 1e9 >= sum(b.numel() for b in got.values())
     assert s["copy"]["GB"] == s["read"]["GB"] and s["copy"]["end"] >= s["copy"]["start"]
     assert _ring_free()
+
+
+def test_the_rust_upload_never_takes_the_gil(ckpt):
+    """_fastq.Upload runs to its end while this thread holds the GIL throughout (a busy loop under a
+    1,000 s switch interval: no other Python thread runs meanwhile) - reads, copies and slot recycling
+    need no Python. The Python loop (stream_to_device) could not: it would never end here."""
+    ck, tensors = ckpt
+    dst = {n: torch.empty(ck.meta(n).nbytes, dtype=torch.uint8) for n in ck.keys()}
+    requests = [(d.data_ptr(), d.numel(), [(n, 0, d.numel(), 0)] if d.numel() else []) for n, d in dst.items()]
+    slots = [torch.empty(4096, dtype=torch.uint8).numpy() for _ in range(3)]  # 1.4 MB through 12 KiB
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        up = fastq._fastq.Upload(ck.native, requests, slots, threads=2)
+        deadline = time.monotonic() + 120  # a bound for a broken build, not a speed
+        while not up.finished() and time.monotonic() < deadline:
+            pass
+    finally:
+        sys.setswitchinterval(old)
+    assert up.finished() and up.wait() == len(dst)
+    for n, t in tensors.items():
+        assert torch.equal(dst[n], t.contiguous().reshape(-1).view(torch.uint8)), n
 
 
 def test_the_rust_upload_refuses_a_bad_request_before_it_reads():
