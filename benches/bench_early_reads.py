@@ -86,9 +86,10 @@ def one(ckpt, config_dir: Path, engine: str | None, threads: int) -> dict:
     skel = skeleton_seconds(config_dir)
     out = {"engine": engine or "none", "skeleton_s": skel}
     if early is not None:
-        n = sum(1 for _ in early.arrivals())
-        out |= {"reads_end_s": time.perf_counter() - t0, "tensors": n}
+        kept = list(early.arrivals())  # held, as a load's parameters hold them
+        out |= {"reads_end_s": time.perf_counter() - t0, "tensors": len(kept)}
         early.cancel()
+        del kept
     return out
 
 

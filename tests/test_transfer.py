@@ -255,7 +255,7 @@ def test_the_rust_upload_never_takes_the_gil(ckpt):
     1,000 s switch interval: no other Python thread runs meanwhile) - reads, copies and slot recycling
     need no Python. The Python loop (stream_to_device) could not: it would never end here."""
     ck, tensors = ckpt
-    dst = {n: torch.empty(ck.meta(n).nbytes, dtype=torch.uint8) for n in ck.keys()}
+    dst = {n: torch.empty(ck.meta(n).nbytes, dtype=torch.uint8) for n in ck}
     requests = [(d.data_ptr(), d.numel(), [(n, 0, d.numel(), 0)] if d.numel() else []) for n, d in dst.items()]
     slots = [torch.empty(4096, dtype=torch.uint8).numpy() for _ in range(3)]  # 1.4 MB through 12 KiB
     old = sys.getswitchinterval()
@@ -348,17 +348,22 @@ def test_early_names_of_a_prequantized_checkpoint_skip_what_the_host_reads_or_th
 @pytest.mark.parametrize(("mode", "plain", "pre"), [("1", True, True), (True, True, True), ("plain", True, False),
                                                     ("0", False, False), (False, False, False)])
 def test_early_reads_mode_chooses_the_checkpoints_read_early(tmp_path, monkeypatch, mode, plain, pre):
-    """FASTQ_EARLY_READS: "1" both kinds, "plain" unquantized only (before run 15), "0" neither."""
+    """FASTQ_EARLY_READS: "1" both kinds, "plain" unquantized only (before run 15), "0" neither;
+    FASTQ_EARLY_THREADS: their reader threads when the load names none."""
     save_file({"w": torch.ones(4, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
     ck = fastq.open(tmp_path / "model.safetensors")
     monkeypatch.setattr(early_reads, "EARLY_READS", mode)
     monkeypatch.setattr(early_reads.dmap_mod, "cuda_device", lambda dev: torch.device("cpu"))  # a CPU "GPU"
     started = []
-    monkeypatch.setattr(early_reads, "EarlyReads", lambda *a, **k: started.append(a[2]) or a[2])
+    monkeypatch.setattr(early_reads, "EarlyReads", lambda *a, **k: started.append((a[2], a[3])) or a[2])
+    monkeypatch.setenv("FASTQ_EARLY_THREADS", "3")  # the early reads' own thread count, unless the load names one
     for prequantized, want in ((False, plain), (True, pre)):
         started.clear()
         got = early_reads.start_early_reads(ck, {"": 0}, torch.bfloat16, prequantized=prequantized)
-        assert (got is not None, started) == (want, [["w"]] if want else []), prequantized
+        assert (got is not None, started) == (want, [(["w"], 3)] if want else []), prequantized
+    started.clear()
+    early_reads.start_early_reads(ck, {"": 0}, torch.bfloat16, threads=5)
+    assert started == ([(["w"], 5)] if plain else [])
 
 
 def test_single_device_is_known_before_the_model():

@@ -136,9 +136,7 @@ class EarlyReads:
         except BaseException as e:  # noqa: BLE001 - raised again where the tensors are taken
             self._error = e
         finally:
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
+            self._ended()
 
     def _run(self, ckpt, requests, stream, threads, timeline) -> None:
         try:
@@ -148,9 +146,12 @@ class EarlyReads:
         except BaseException as e:  # noqa: BLE001 - raised again where the tensors are taken
             self._error = e
         finally:
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
+            self._ended()
+
+    def _ended(self) -> None:
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
 
     def _arrived(self, name: str, buf: torch.Tensor) -> None:
         with self._cond:
@@ -257,7 +258,19 @@ def start_early_reads(ckpt, device_map, dtype: torch.dtype, threads=None, timeli
     wanted = EARLY_READS not in (False, "0") and (EARLY_READS != "plain" or not prequantized)
     dev = dmap_mod.cuda_device(dmap_mod.single_device(device_map))
     names = early_names(ckpt, dtype, prequantized) if wanted and dev is not None else None
+    if threads is None:
+        threads = _env_threads()
     return EarlyReads(ckpt, dev, names, threads, timeline) if names else None
+
+
+def _env_threads() -> int | None:
+    """``FASTQ_EARLY_THREADS``: reader threads for the early reads alone (they run beside the skeleton's
+    build, which needs a core of its own); unset: those of the load (``FASTQ_NUM_THREADS`` or every core)."""
+    try:
+        n = int(os.environ.get("FASTQ_EARLY_THREADS", "0"))
+    except ValueError:
+        return None
+    return n if n > 0 else None
 
 
 def early_names(ckpt, dtype: torch.dtype, prequantized: bool = False) -> list[str] | None:

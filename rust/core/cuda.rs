@@ -153,8 +153,8 @@ impl CudaDma {
 impl Dma for CudaDma {
     unsafe fn copy(&mut self, dst: u64, src: *const u8, len: usize) -> Result<()> {
         self.bind()?;
-        // SAFETY: `src` is valid until the copy has finished (this method's contract); a bad `dst` is
-        // the driver's to refuse (an error, not a crash: it checks device addresses).
+        // SAFETY: `src` is valid until the copy has finished (this method's contract); `dst` is a device
+        // buffer the caller keeps allocated for the upload (`Upload::run`'s contract).
         let r = unsafe { (self.drv.memcpy_htod_async)(dst, src.cast(), len, self.stream) };
         check(self.drv, r, "cuMemcpyHtoDAsync")
     }

@@ -203,170 +203,167 @@ fn wait_read(p: &Pending) -> Result<(f64, f64)> {
     g.take().unwrap_or(Ok((0.0, 0.0)))
 }
 
-/// Uploads every request through `slots` (host address and length of each, page-locked for a real
-/// device) on `pool`, copying with `dma`; records what it did in `progress` and ends it (`finished`,
-/// and `error` on failure: `Error::Cancelled` once `stop` was set, checked before each slot).
-/// Whichever way it ends, no read is left writing into a slot and no copy left running.
-///
-/// # Safety
-/// Each slot must be valid for writes of its length and untouched by anything else until this
-/// returns; the requests' `dst` must be what `dma` can copy to, for `len` bytes each.
-pub unsafe fn run(
-    ckpt: &Checkpoint,
-    requests: &[Request],
-    slots: &[(usize, usize)],
-    dma: &mut dyn Dma,
-    pool: &rayon::ThreadPool,
-    progress: &Progress,
-    stop: &AtomicBool,
-) {
-    let r = run_inner(ckpt, requests, slots, dma, pool, progress, stop);
-    let end = dma.finish();
-    let r = r.and(end);
-    progress.update(|s| {
-        if r.is_ok() {
-            s.done = requests.len();
-            let t = now();
-            for c in s.copies.iter_mut().filter(|c| c.1 == 0.0) {
-                c.1 = t;
-            }
-        }
-        s.finished = true;
-        s.error = r.err();
-    });
+/// One upload: what to fill, from which checkpoint, through which slots (host address and length of
+/// each, page-locked for a real device), read on which worker pool.
+pub struct Upload<'a> {
+    /// The checkpoint the pieces name.
+    pub ckpt: &'a Checkpoint,
+    /// The buffers to fill, in the order they complete.
+    pub requests: &'a [Request],
+    /// The ring.
+    pub slots: &'a [(usize, usize)],
+    /// The reader threads.
+    pub pool: &'a rayon::ThreadPool,
 }
 
-fn run_inner(
-    ckpt: &Checkpoint,
-    requests: &[Request],
-    slots: &[(usize, usize)],
-    dma: &mut dyn Dma,
-    pool: &rayon::ThreadPool,
-    progress: &Progress,
-    stop: &AtomicBool,
-) -> Result<()> {
-    check(ckpt, requests)?;
-    let slot_len = slots.iter().map(|s| s.1).min().unwrap_or(0);
-    if slot_len < ALIGN {
-        return Err(Error::InvalidArgument(format!(
-            "the ring's slots must hold at least {ALIGN} bytes"
-        )));
-    }
-    let batches = batches(requests, slot_len);
-    // The batch holding each request's last bytes (requests of no bytes: the batch before them).
-    let mut last = vec![None::<usize>; requests.len()];
-    for (j, b) in batches.iter().enumerate() {
-        for s in b {
-            last[s.req] = Some(j);
-        }
-    }
-    let mut prev = None;
-    for l in last.iter_mut() {
-        *l = l.or(prev);
-        prev = *l;
-    }
-    let complete = |through: Option<usize>| -> usize {
-        last.iter()
-            .take_while(|l| match (l, through) {
-                (None, _) => true,
-                (Some(l), Some(t)) => *l <= t,
-                (Some(_), None) => false,
-            })
-            .count()
-    };
-    progress.update(|s| s.done = complete(None));
-    let nslots = slots.len();
-    let ahead = nslots.saturating_sub(1).max(1);
-    let mut slot_batch: Vec<Option<usize>> = vec![None; nslots];
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    pool.in_place_scope(|scope| {
-        let submit = |k: usize, pending: &mut VecDeque<Pending>| {
-            let (ptr, _) = slots[k % nslots];
-            let pieces: Vec<Piece> = batches[k]
-                .iter()
-                .flat_map(|s| reads(&requests[s.req], s))
-                .collect();
-            let p: Pending = Arc::new((Mutex::new(None), Condvar::new()));
-            let out = p.clone();
-            scope.spawn(move |_| {
-                let started = now();
-                // SAFETY: `run`'s contract: the slot is valid for `slot_len` bytes and only this read
-                // writes it now (the copy out of it finished: its event was waited for before).
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, slot_len) };
-                let r = staging::read_into(ckpt, &pieces, dst).map(|()| (started, now()));
-                let (lock, cv) = &*out;
-                *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                cv.notify_all();
-            });
-            pending.push_back(p);
-        };
-        let mut outcome = Ok(());
-        for k in 0..ahead.min(batches.len()) {
-            submit(k, &mut pending);
-        }
-        for (j, batch) in batches.iter().enumerate() {
-            if stop.load(Ordering::Relaxed) {
-                outcome = Err(Error::Cancelled);
-                break;
+impl Upload<'_> {
+    /// Fills every request, copying with `dma`; records what it did in `progress` and ends it
+    /// (`finished`, and `error` on failure: `Error::Cancelled` once `stop` was set, checked before each
+    /// slot). Whichever way it ends, no read is left writing into a slot and no copy left running.
+    ///
+    /// # Safety
+    /// Each slot must be valid for writes of its length and untouched by anything else until this
+    /// returns; the requests' `dst` must be what `dma` can copy to, for `len` bytes each.
+    pub unsafe fn run(&self, dma: &mut dyn Dma, progress: &Progress, stop: &AtomicBool) {
+        let r = self.stream(dma, progress, stop).and(dma.finish());
+        progress.update(|s| {
+            if r.is_ok() {
+                s.done = self.requests.len();
+                let t = now();
+                for c in s.copies.iter_mut().filter(|c| c.1 == 0.0) {
+                    c.1 = t;
+                }
             }
-            let Some(p) = pending.pop_front() else { break };
-            let (t0, t1) = match wait_read(&p) {
-                Ok(t) => t,
-                Err(e) => {
-                    outcome = Err(e);
+            s.finished = true;
+            s.error = r.err();
+        });
+    }
+
+    fn stream(&self, dma: &mut dyn Dma, progress: &Progress, stop: &AtomicBool) -> Result<()> {
+        let (ckpt, requests, slots, pool) = (self.ckpt, self.requests, self.slots, self.pool);
+        check(ckpt, requests)?;
+        let slot_len = slots.iter().map(|s| s.1).min().unwrap_or(0);
+        if slot_len < ALIGN {
+            return Err(Error::InvalidArgument(format!(
+                "the ring's slots must hold at least {ALIGN} bytes"
+            )));
+        }
+        let batches = batches(requests, slot_len);
+        // The batch holding each request's last bytes (requests of no bytes: the batch before them).
+        let mut last = vec![None::<usize>; requests.len()];
+        for (j, b) in batches.iter().enumerate() {
+            for s in b {
+                last[s.req] = Some(j);
+            }
+        }
+        let mut prev = None;
+        for l in last.iter_mut() {
+            *l = l.or(prev);
+            prev = *l;
+        }
+        let complete = |through: Option<usize>| -> usize {
+            last.iter()
+                .take_while(|l| match (l, through) {
+                    (None, _) => true,
+                    (Some(l), Some(t)) => *l <= t,
+                    (Some(_), None) => false,
+                })
+                .count()
+        };
+        progress.update(|s| s.done = complete(None));
+        let nslots = slots.len();
+        let ahead = nslots.saturating_sub(1).max(1);
+        let mut slot_batch: Vec<Option<usize>> = vec![None; nslots];
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        pool.in_place_scope(|scope| {
+            let submit = |k: usize, pending: &mut VecDeque<Pending>| {
+                let (ptr, _) = slots[k % nslots];
+                let pieces: Vec<Piece> = batches[k]
+                    .iter()
+                    .flat_map(|s| reads(&requests[s.req], s))
+                    .collect();
+                let p: Pending = Arc::new((Mutex::new(None), Condvar::new()));
+                let out = p.clone();
+                scope.spawn(move |_| {
+                    let started = now();
+                    // SAFETY: `Upload::run`'s contract: the slot is valid for `slot_len` bytes and only this read
+                    // writes it now (the copy out of it finished: its event was waited for before).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, slot_len) };
+                    let r = staging::read_into(ckpt, &pieces, dst).map(|()| (started, now()));
+                    let (lock, cv) = &*out;
+                    *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    cv.notify_all();
+                });
+                pending.push_back(p);
+            };
+            let mut outcome = Ok(());
+            for k in 0..ahead.min(batches.len()) {
+                submit(k, &mut pending);
+            }
+            for (j, batch) in batches.iter().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    outcome = Err(Error::Cancelled);
                     break;
                 }
-            };
-            let slot = j % nslots;
-            let (ptr, _) = slots[slot];
-            let bytes: usize = batch.iter().map(|s| s.b - s.a).sum();
-            let queued = now();
-            let copied = batch.iter().try_for_each(|s| {
-                let r = &requests[s.req];
-                // SAFETY: the span lies inside the slot (`batches`), which the read just filled and
-                // which no read refills before this slot's event has been waited for.
-                unsafe { dma.copy(r.dst + s.a as u64, (ptr + s.at) as *const u8, s.b - s.a) }
-            });
-            if let Err(e) = copied.and_then(|()| dma.record(slot)) {
-                outcome = Err(e);
-                break;
-            }
-            slot_batch[slot] = Some(j);
-            progress.update(|s| {
-                s.reads.push((t0, t1, bytes));
-                s.copies.push((queued, 0.0, bytes));
-            });
-            let k = j + ahead;
-            if k < batches.len() {
-                let reuse = k % nslots;
-                if let Some(b) = slot_batch[reuse] {
-                    if let Err(e) = dma.wait(reuse) {
+                let Some(p) = pending.pop_front() else { break };
+                let (t0, t1) = match wait_read(&p) {
+                    Ok(t) => t,
+                    Err(e) => {
                         outcome = Err(e);
                         break;
                     }
-                    let (t, n) = (now(), complete(Some(b)));
-                    progress.update(|s| {
-                        s.done = s.done.max(n);
-                        for c in s.copies.iter_mut().take(b + 1).filter(|c| c.1 == 0.0) {
-                            c.1 = t;
-                        }
-                    });
+                };
+                let slot = j % nslots;
+                let (ptr, _) = slots[slot];
+                let bytes: usize = batch.iter().map(|s| s.b - s.a).sum();
+                let queued = now();
+                let copied = batch.iter().try_for_each(|s| {
+                    let r = &requests[s.req];
+                    // SAFETY: the span lies inside the slot (`batches`), which the read just filled and
+                    // which no read refills before this slot's event has been waited for.
+                    unsafe { dma.copy(r.dst + s.a as u64, (ptr + s.at) as *const u8, s.b - s.a) }
+                });
+                if let Err(e) = copied.and_then(|()| dma.record(slot)) {
+                    outcome = Err(e);
+                    break;
                 }
-                submit(k, &mut pending);
+                slot_batch[slot] = Some(j);
+                progress.update(|s| {
+                    s.reads.push((t0, t1, bytes));
+                    s.copies.push((queued, 0.0, bytes));
+                });
+                let k = j + ahead;
+                if k < batches.len() {
+                    let reuse = k % nslots;
+                    if let Some(b) = slot_batch[reuse] {
+                        if let Err(e) = dma.wait(reuse) {
+                            outcome = Err(e);
+                            break;
+                        }
+                        let (t, n) = (now(), complete(Some(b)));
+                        progress.update(|s| {
+                            s.done = s.done.max(n);
+                            for c in s.copies.iter_mut().take(b + 1).filter(|c| c.1 == 0.0) {
+                                c.1 = t;
+                            }
+                        });
+                    }
+                    submit(k, &mut pending);
+                }
             }
-        }
-        // Reads still in flight (after an error or a stop) end before the scope does.
-        for p in pending.drain(..) {
-            let _ = wait_read(&p);
-        }
-        outcome
-    })
+            // Reads still in flight (after an error or a stop) end before the scope does.
+            for p in pending.drain(..) {
+                let _ = wait_read(&p);
+            }
+            outcome
+        })
+    }
 }
 
-/// Starts `run` on a thread of its own; the returned handle ends when the upload has.
+/// Starts `Upload::run` on a thread of its own; the returned handle ends when the upload has.
 ///
 /// # Safety
-/// As `run`, for as long as the thread runs.
+/// As `Upload::run`, for as long as the thread runs.
 pub unsafe fn spawn(
     ckpt: Arc<Checkpoint>,
     requests: Vec<Request>,
@@ -379,8 +376,14 @@ pub unsafe fn spawn(
     std::thread::Builder::new()
         .name("fastq-upload".into())
         .spawn(move || {
+            let upload = Upload {
+                ckpt: &ckpt,
+                requests: &requests,
+                slots: &slots,
+                pool: &pool,
+            };
             // SAFETY: forwarded from the caller's contract.
-            unsafe { run(&ckpt, &requests, &slots, &mut *dma, &pool, &progress, &stop) };
+            unsafe { upload.run(&mut *dma, &progress, &stop) };
         })
         .map_err(|e| Error::Internal(format!("cannot start the upload thread: {e}")))
 }
@@ -483,18 +486,14 @@ mod tests {
             .build()
             .unwrap();
         let progress = Progress::default();
-        // SAFETY: the ring and the destinations outlive the call; nothing else touches them.
-        unsafe {
-            run(
-                ck,
-                requests,
-                &ptrs,
-                dma,
-                &pool,
-                &progress,
-                &AtomicBool::new(stop),
-            )
+        let up = Upload {
+            ckpt: ck,
+            requests,
+            slots: &ptrs,
+            pool: &pool,
         };
+        // SAFETY: the ring and the destinations outlive the call; nothing else touches them.
+        unsafe { up.run(dma, &progress, &AtomicBool::new(stop)) };
         progress
     }
 
@@ -550,14 +549,7 @@ mod tests {
     fn a_failed_read_ends_the_upload_with_its_error_and_what_was_done() {
         let dir = tempfile::tempdir().unwrap();
         let (ck, _) = checkpoint(dir.path(), &[1000, 1000, 1000]);
-        let path = dir.path().join("model.safetensors");
-        let len = std::fs::metadata(&path).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 10)
-            .unwrap();
+        crate::staging::cut_short(&dir.path().join("model.safetensors"), 10);
         let mut dst = [vec![0u8; 1000], vec![0u8; 1000], vec![0u8; 1000]];
         let requests: Vec<Request> = dst
             .iter_mut()

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use fastq::cuda::CudaDma;
-use fastq::staging::Piece;
 use fastq::upload::{self, Dma, HostDma, Progress, Request};
 use fastq::Error;
 use pyo3::buffer::PyBuffer;
@@ -15,6 +14,10 @@ use pyo3::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::errors::{to_py, IntoPy};
+use crate::staging::pieces_of;
+
+/// A request as Python gives it: `(device address, bytes, [(tensor, offset, len, dst_offset)])`.
+type PyRequest = (u64, usize, Vec<(String, usize, usize, usize)>);
 
 /// One upload in flight (or ended).
 #[pyclass(module = "fastq._fastq")]
@@ -39,7 +42,7 @@ impl Upload {
     #[pyo3(signature = (checkpoint, requests, slots, stream=None, threads=None))]
     fn new(
         checkpoint: &Checkpoint,
-        requests: Vec<(u64, usize, Vec<(String, usize, usize, usize)>)>,
+        requests: Vec<PyRequest>,
         slots: Vec<PyBuffer<u8>>,
         stream: Option<u64>,
         threads: Option<usize>,
@@ -54,15 +57,7 @@ impl Upload {
             .map(|(dst, len, pieces)| Request {
                 dst,
                 len,
-                pieces: pieces
-                    .into_iter()
-                    .map(|(tensor, offset, len, dst_offset)| Piece {
-                        tensor,
-                        offset,
-                        len,
-                        dst_offset,
-                    })
-                    .collect(),
+                pieces: pieces_of(pieces),
             })
             .collect();
         let ckpt = checkpoint.inner.clone();
