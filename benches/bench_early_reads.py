@@ -8,8 +8,9 @@ Writes a checkpoint with the names and sizes of a Llama-2-7B NF4 + double-quant 
 7B skeleton (``skeleton.build_empty`` + ``replace_modules``, NF4) in this thread: alone, and while
 ``EarlyReads`` streams the checkpoint to a CPU "device" with each engine - "rust" (``_fastq.Upload``, no
 GIL) and "python" (``stream_to_device`` on a thread). Prints the skeleton's seconds and when the reads
-ended, per engine, the median of ``--repeat`` runs. On a GPU the copies are DMA; here they are host copies (the
-Rust engine's outside the GIL, the Python engine's inside torch's ``copy_``).
+ended, per engine, the median of ``--repeat`` runs. The skeleton's figure is the point; the reads' end
+is not a GPU's: on the CPU "device" every copy is a memcpy into fresh pages (the Rust engine's on one
+thread, page faults and all), where on a GPU the DMA engine copies.
 """
 
 from __future__ import annotations
