@@ -34,11 +34,15 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_
 
 
 def make_checkpoint(folder: Path, layers: int) -> None:
-    """A pre-quantized-shaped checkpoint (names, dtypes and sizes of bitsandbytes' NF4 + DQ state dict)."""
+    """A pre-quantized-shaped checkpoint: the names, dtypes, sizes and quant_state JSONs of bitsandbytes'
+    NF4 + DQ state dict, random codes (fastq's plan accepts it; ``--work``'s config.json describes it)."""
     from safetensors.torch import save_file
 
     if (folder / "model.safetensors").exists():
         return
+    cfg = dict(CONFIG, num_hidden_layers=layers, quantization_config={
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8"})
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
 
@@ -60,8 +64,12 @@ def make_checkpoint(folder: Path, layers: int) -> None:
             tensors[w + ".quant_map"] = torch.randn(16, generator=g)
             tensors[w + ".nested_absmax"] = torch.rand(-(-blocks // 256), generator=g)
             tensors[w + ".nested_quant_map"] = torch.randn(256, generator=g)
-            tensors[w + ".quant_state.bitsandbytes__nf4"] = u8(180)
+            qs = {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [o, n], "nested_blocksize": 256,
+                  "nested_dtype": "float32", "nested_offset": 0.0123}
+            tensors[w + ".quant_state.bitsandbytes__nf4"] = torch.frombuffer(bytearray(json.dumps(qs).encode()),
+                                                                              dtype=torch.uint8)
     save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(cfg))
 
 
 def skeleton_seconds(config_dir: Path) -> float:
