@@ -107,17 +107,19 @@ class EarlyReads:
         self._order: list = []
         requests = [Request(n, n, ckpt.meta(n).nbytes, shared=True) for n in names]  # all kept as they are
         reserve_cached(device, device_bytes(requests))  # they all stay: one block, no tails
+        # The caller's stream (torch's current stream is per thread): the buffers are allocated on it here.
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None  # a CPU device: tests
         if self._rust:
             self._order, blocks = _allocate(ckpt, names, device)
-            target, args = self._run_rust, (ckpt, blocks, threads)
+            target, args = self._run_rust, (ckpt, blocks, stream, threads)
         else:
-            stream = torch.cuda.current_stream(device) if device.type == "cuda" else None  # a CPU device: tests
             target, args = self._run, (ckpt, requests, stream, threads, timeline)
         self._thread = threading.Thread(target=target, args=args, daemon=True, name="fastq-early-reads")
         self._thread.start()
 
-    def _run_rust(self, ckpt, blocks, threads) -> None:
-        """Waits for the ring to be pinned, then starts the Rust upload of ``blocks`` (``_allocate``)."""
+    def _run_rust(self, ckpt, blocks, caller, threads) -> None:
+        """Waits for the ring to be pinned, then starts the Rust upload of ``blocks`` (``_allocate``) on
+        the copy stream, after what the caller's stream ``caller`` holds now."""
         cuda = self.device.type == "cuda"
         ring = ring_for() if cuda else PinnedRing(slot_bytes=1 << 20, pin=False)
         ring.lock.acquire()  # held until the upload has ended (``_end``)
@@ -129,7 +131,7 @@ class EarlyReads:
                     stream = None
                     if cuda:
                         copy = copy_stream(self.device)
-                        copy.wait_stream(torch.cuda.current_stream(self.device))
+                        copy.wait_stream(caller)
                         stream = copy.cuda_stream
                     self._upload = _fastq.Upload(ckpt.native, blocks, [ring.array(k) for k in range(len(ring))],
                                                  stream, threads)
