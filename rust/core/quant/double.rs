@@ -86,7 +86,7 @@ pub fn quantize_blockwise_dynamic(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
                 // The kernel starts its reduction at -FLT_MAX; over |x| that is the plain maximum.
                 let am = block.iter().fold(f32::MIN, |m, v| m.max(v.abs()));
                 *am_out = am;
-                let inv = 1.0f32 / am;
+                let inv = super::block_scale(am);
                 for (o, &v) in out.iter_mut().zip(block) {
                     *o = cuda_dquantize(&map, v * inv);
                 }

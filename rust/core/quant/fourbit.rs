@@ -271,7 +271,7 @@ fn scalar_blocks(
             am = am.max(v.abs());
         }
         *am_out = am;
-        let inv = 1.0f32 / am; // inf for an all-zero block: its values scale into NaN
+        let inv = super::block_scale(am); // inf for an all-zero block: its values scale into NaN
         for (i, v) in vals.iter().enumerate() {
             let q = code_of(&bounds, &order, v * inv);
             let j = start + i;

@@ -14,6 +14,17 @@ pub use double::{dynamic_map, quantize_nested, Nested, NESTED_BLOCKSIZE};
 pub use fourbit::{quantize_4bit, quantize_4bit_reference, QuantType, BLOCKSIZES};
 pub use int8::{quantize_int8, quantize_int8_reference};
 
+/// The factor a block's values are multiplied by before they are coded, from its absmax: the kernels
+/// of bitsandbytes' `kQuantizeBlockwise` scale by `1.0f / absmax` (csrc/kernels.cu). fastq takes the
+/// correctly rounded reciprocal; bitsandbytes' CUDA build (`--use_fast_math`) takes the GPU's approximate
+/// one, which lands on the other side of a code's boundary for a few values (README, "How exact it is";
+/// benches/gpu/rcp_table.py measures the two apart). Every 4-bit and nested kernel, scalar and SIMD,
+/// takes it from here.
+#[inline(always)]
+pub(crate) fn block_scale(absmax: f32) -> f32 {
+    1.0 / absmax
+}
+
 /// Which implementation a kernel uses. `Auto` picks the fastest the CPU supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Kernel {

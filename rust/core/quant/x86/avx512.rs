@@ -6,6 +6,7 @@ use std::arch::x86_64::*;
 use super::{first_nonfinite, inf_bits, size, widen_bits, BF16, F16, F32};
 use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
+use crate::quant::block_scale;
 use crate::quant::fourbit::{QuantType, ABSMAX_FLOOR};
 use crate::quant::int8::{overflow, through_f16 as through_f16_scalar};
 
@@ -214,7 +215,7 @@ unsafe fn fourbit<const D: u8>(
             }
             let am = widen_bits::<D>(bits);
             absmax[(t0 >> shift) + j] = am;
-            *inv_j = 1.0f32 / am.max(ABSMAX_FLOOR);
+            *inv_j = block_scale(am.max(ABSMAX_FLOOR));
         }
         // 64 elements a step; a tile of 32-element blocks may end with a half step.
         let mut i = t0;
@@ -298,7 +299,7 @@ pub(crate) unsafe fn quantize_blockwise_dynamic(x: &[f32], codes: &mut [u8], abs
         }
         let am = _mm512_reduce_max_ps(vmax);
         *am_out = am;
-        let inv = _mm512_set1_ps(1.0f32 / am);
+        let inv = _mm512_set1_ps(block_scale(am));
         for i in (0..len).step_by(16) {
             let k = mask(i);
             // SAFETY: only lanes below `len` are read.

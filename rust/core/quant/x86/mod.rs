@@ -5,6 +5,7 @@
 
 use std::arch::x86_64::*;
 
+use super::block_scale;
 use super::fourbit::{QuantType, ABSMAX_FLOOR};
 use super::int8::overflow;
 use crate::dtype::FloatSlice;
@@ -249,7 +250,7 @@ pub(crate) unsafe fn quantize_4bit_full_blocks_avx2(
             });
         };
         *am_out = am;
-        let inv = _mm256_set1_ps(1.0f32 / am.max(ABSMAX_FLOOR));
+        let inv = _mm256_set1_ps(block_scale(am.max(ABSMAX_FLOOR)));
         let mut i = start;
         while i < end {
             let mut q = [_mm256_setzero_si256(); 4];
@@ -461,7 +462,7 @@ pub(crate) unsafe fn quantize_blockwise_dynamic_avx2(
         _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
         let am = lanes.iter().fold(f32::MIN, |m, &v| m.max(v));
         *am_out = am;
-        let inv = _mm256_set1_ps(1.0f32 / am);
+        let inv = _mm256_set1_ps(block_scale(am));
         for i in (0..len).step_by(8) {
             // SAFETY: only lanes below `len` are read.
             let v = _mm256_mul_ps(_mm256_maskload_ps(block.as_ptr().add(i), mask(i)), inv);

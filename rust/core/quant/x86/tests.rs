@@ -220,7 +220,7 @@ fn dynamic_reference(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
     for block in x.chunks(256) {
         let am = block.iter().fold(f32::MIN, |m, v| m.max(v.abs()));
         absmax.push(am);
-        let inv = 1.0f32 / am;
+        let inv = crate::quant::block_scale(am);
         codes.extend(
             block
                 .iter()
