@@ -23,11 +23,11 @@ from . import _fastq
 from . import device_map as dmap_mod
 from .bnb_format import QUANT_STATE_SUFFIXES, SCB, WEIGHT_FORMAT, quant_state_owner
 from .transfer import (
-    ALIGN,
     SLOT_BYTES,
     PinnedRing,
     Request,
     Timeline,
+    aligned,
     copy_stream,
     device_bytes,
     reserve_cached,
@@ -244,7 +244,7 @@ def _allocate(ckpt, names: list[str], device: torch.device):
             order.append((len(blocks), name, buf))
             blocks.append((buf.data_ptr(), n, [(name, 0, n, 0)] if n else []))
             continue
-        at = -(-(run[-1][1] + run[-1][2]) // ALIGN) * ALIGN if run else 0
+        at = aligned(run[-1][1] + run[-1][2]) if run else 0
         if at + n > SLOT_BYTES:
             close()
             at = 0

@@ -33,8 +33,8 @@ import torch
 from . import _fastq
 
 __all__ = [
-    "ALIGN", "LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "copy_stream", "device_bytes", "prefetch_ring",
-    "reserve_cached", "ring_for", "stream_to_device", "to_device",
+    "ALIGN", "LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "aligned", "copy_stream", "device_bytes",
+    "prefetch_ring", "reserve_cached", "ring_for", "stream_to_device", "to_device",
 ]
 
 #: Bytes per slot and slots in the ring: 4 x 64 MiB, three reads queued while the fourth slot is
@@ -184,7 +184,8 @@ ALIGN = 256
 SHARED_BLOCKS = os.environ.get("FASTQ_SHARED_BLOCKS", "1") != "0"
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """``n`` rounded up to a multiple of ``ALIGN``: where the next request starts in a slot or block."""
     return -(-n // ALIGN) * ALIGN
 
 
@@ -221,7 +222,8 @@ class Request:
 @dataclass
 class Timeline:
     """When each stage ran: reads (host clock), copies and device work (CUDA events; the Rust upload's
-    copies on the host clock, from queued to seen finished), in seconds from ``t0``. ``summary()`` gives busy time and bytes per stage."""
+    copies on the host clock, from queued to seen finished), in seconds from ``t0``. ``summary()`` gives
+    busy time and bytes per stage."""
 
     t0: float = field(default_factory=time.time)
     reads: list[tuple[float, float, int]] = field(default_factory=list)
@@ -297,7 +299,7 @@ LAST_TIMELINE = _Last()
 
 def device_bytes(requests: Iterable[Request]) -> int:
     """Device bytes the requests' buffers take, each rounded up to ``ALIGN`` as in a shared block."""
-    return sum(_aligned(r.nbytes) for r in requests)
+    return sum(aligned(r.nbytes) for r in requests)
 
 
 def _batches(requests: list[Request], slot_bytes: int):
@@ -305,7 +307,7 @@ def _batches(requests: list[Request], slot_bytes: int):
     a tensor larger than a slot spans several batches. Each request starts at a multiple of ``ALIGN``."""
     batch, used = [], 0
     for i, r in enumerate(requests):
-        used = min(_aligned(used), slot_bytes)
+        used = min(aligned(used), slot_bytes)
         if r.nbytes == 0:
             batch.append((i, 0, 0, used))
             continue
