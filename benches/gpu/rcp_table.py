@@ -1,7 +1,7 @@
 """The GPU's approximate reciprocal, whole: where ``rcp.approx.ftz.f32`` differs from the correctly rounded
 ``1/x`` (run on the GPU machine).
 
-    python3 benches/gpu/rcp_table.py --out $OUT [--dry-run]
+    python3 benches/gpu/rcp_table.py --out $OUT [--dry-run] [--no-sass]
     python3 benches/gpu/rcp_table.py --sass-only [--cuda 130]
 
 bitsandbytes builds its CUDA kernels with ``--use_fast_math``: a block is scaled by ``1.0f / absmax``, which
@@ -13,10 +13,12 @@ each such value lies where the two reciprocals fall on either side of a rounding
 The reciprocal of ``x = m * 2^e`` is that of its mantissa ``m`` in [1, 2) scaled by ``2^-e`` (away from the
 ends of the range, which the script checks on a sample of every binade), so 2^23 values determine it.
 This script computes them on the GPU - an NVRTC kernel with the one PTX instruction, through torch's
-jiterator - and writes ``rcp_approx.safetensors``: ``index`` (uint32 mantissa bits where the two differ)
-and ``delta`` (int8, the approximate result minus the correctly rounded one, in ulps), with the GPU's
-name in the metadata; the summary says how many of those lie within one ulp of the true 1/x (all of them:
-one bit per mantissa then says the GPU's reciprocal). With the table a CPU kernel can take the GPU's
+jiterator - and writes ``rcp_approx.safetensors``: ``differs`` and ``above`` (2^23 bits each, packed
+little-endian: where the two differ, and where the approximate one is the larger), ``far_index`` and
+``far_delta`` (the mantissas where they lie more than one ulp apart, and by how many ulps), with the
+GPU's name in the metadata - 2 MiB whatever the count, so it comes back from the device machine; the
+summary says how many differing results lie within one ulp of the true 1/x (all of them: ``differs``
+alone then says the GPU's reciprocal). With the table a CPU kernel can take the GPU's
 reciprocal bit for bit; the fixture
 (tests/fixtures/bnb_cuda_nested.safetensors) then says whether that removes every difference.
 
@@ -33,6 +35,7 @@ check the script; the table is then empty.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -59,9 +62,13 @@ def exact(x: np.ndarray) -> np.ndarray:
     return (1.0 / x.astype(np.float64)).astype(np.float32)
 
 
+@functools.cache
+def _rcp_kernel():
+    return torch.cuda.jiterator._create_jit_fn(KERNEL)
+
+
 def approx_gpu(x: np.ndarray) -> np.ndarray:
-    fn = torch.cuda.jiterator._create_jit_fn(KERNEL)
-    return fn(torch.from_numpy(x).cuda()).cpu().numpy()
+    return _rcp_kernel()(torch.from_numpy(x).cuda()).cpu().numpy()
 
 
 def ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -116,6 +123,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/fastq-rcp"))
     ap.add_argument("--dry-run", action="store_true", help="no GPU: the correctly rounded reciprocal stands in")
     ap.add_argument("--sass-only", action="store_true", help="only the instructions of bitsandbytes' kernels (no GPU)")
+    ap.add_argument("--no-sass", action="store_true", help="skip the disassembly (no bitsandbytes needed)")
     ap.add_argument("--cuda", help='the bitsandbytes CUDA library to read, e.g. "130" (default: torch\'s CUDA)')
     args = ap.parse_args()
     if args.sass_only:
@@ -138,11 +146,11 @@ def main() -> None:
     # The scaling claim, on a sample of every binade the quantizers meet (absmax from 2^-126 to 2^127).
     rng = np.random.default_rng(0)
     sample = x[rng.integers(0, 1 << 23, 4096)]
+    base = approx(sample).astype(np.float64)
     bad = {}
     for e in range(-126, 128):
-        s = (sample.astype(np.float64) * 2.0**e).astype(np.float32)
-        r = approx(s)
-        scaled = (approx(sample).astype(np.float64) * 2.0**-e).astype(np.float32)
+        r = approx((sample.astype(np.float64) * 2.0**e).astype(np.float32))
+        scaled = (base * 2.0**-e).astype(np.float32)
         n = int(np.sum(r.view(np.uint32) != scaled.view(np.uint32)))
         if n:
             bad[e] = n
@@ -151,11 +159,16 @@ def main() -> None:
     name = "dry-run" if args.dry_run else torch.cuda.get_device_name()
     meta = {"device": name, "instruction": "rcp.approx.ftz.f32", "torch": torch.__version__,
             "binades_not_scaling": json.dumps(bad)}
-    save_file({"index": index, "delta": delta.astype(np.int8)}, str(args.out / "rcp_approx.safetensors"), metadata=meta)
+    far = np.abs(delta) > 1
+    table = {"differs": np.packbits(d != 0, bitorder="little"), "above": np.packbits(d > 0, bitorder="little"),
+             "far_index": index[far], "far_delta": delta[far].astype(np.int8)}
+    save_file(table, str(args.out / "rcp_approx.safetensors"), metadata=meta)
     summary = {"device": name, "differ": int(index.size), "of": 1 << 23,
                "deltas": {int(k): int(v) for k, v in zip(*np.unique(delta, return_counts=True), strict=True)},
                "within_one_ulp_of_1/x": int(other_side.sum()),
-               "binades_not_scaling": bad, "bitsandbytes_sass": sass_reciprocals(cuda=args.cuda)}
+               "binades_not_scaling": bad}
+    if not args.no_sass:
+        summary["bitsandbytes_sass"] = sass_reciprocals(cuda=args.cuda)
     (args.out / "rcp_approx.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
 

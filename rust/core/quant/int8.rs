@@ -9,7 +9,7 @@
 //! The CUDA kernel divides with `__fdividef`, an approximate division, so a GPU-quantized weight can
 //! differ from this by one code on rare elements; the CPU result is the reproducible one.
 
-use super::Kernel;
+use super::{row_scale, Kernel};
 use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
 
@@ -95,8 +95,7 @@ fn scalar_rows(x: FloatSlice, cols: usize, cb: &mut [i8], scb: &mut [f32]) -> Re
             out.fill(0);
             continue;
         }
-        // torch evaluates `127.0 / row_stats` as `row_stats.reciprocal() * 127` (Tensor.__rtruediv__).
-        let scale = (1.0f32 / am) * 127.0;
+        let scale = row_scale(am);
         for (o, v) in out.iter_mut().zip(&row) {
             *o = (v * scale).round_ties_even() as i8;
         }

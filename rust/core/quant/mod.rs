@@ -25,6 +25,15 @@ pub(crate) fn block_scale(absmax: f32) -> f32 {
     1.0 / absmax
 }
 
+/// LLM.int8's factor for a row from its absmax (SCB): `127.0 / SCB`, which torch evaluates as
+/// `SCB.reciprocal() * 127` (Tensor.__rtruediv__) and bitsandbytes' `kInt8VectorQuant` as the GPU's
+/// reciprocal times 127 - two roundings either way, the reciprocal the same as a 4-bit block's. Every
+/// int8 kernel, scalar and SIMD, takes it from here.
+#[inline(always)]
+pub(crate) fn row_scale(absmax: f32) -> f32 {
+    block_scale(absmax) * 127.0
+}
+
 /// Which implementation a kernel uses. `Auto` picks the fastest the CPU supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Kernel {

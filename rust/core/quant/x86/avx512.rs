@@ -6,9 +6,9 @@ use std::arch::x86_64::*;
 use super::{first_nonfinite, inf_bits, size, widen_bits, BF16, F16, F32};
 use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
-use crate::quant::block_scale;
 use crate::quant::fourbit::{QuantType, ABSMAX_FLOOR};
 use crate::quant::int8::{overflow, through_f16 as through_f16_scalar};
+use crate::quant::{block_scale, row_scale};
 
 /// 16 elements of format `D` starting at element `i` of `p`, widened to f32.
 #[inline]
@@ -414,8 +414,7 @@ unsafe fn int8<const D: u8>(
             out.fill(0);
             continue;
         }
-        // `127.0 / row_stats` in torch is `reciprocal() * 127`: two roundings, as in int8.rs.
-        let scale = _mm512_set1_ps((1.0f32 / am) * 127.0);
+        let scale = _mm512_set1_ps(row_scale(am));
         let o = out.as_mut_ptr();
         let mut c = 0;
         while c + 16 <= cols {

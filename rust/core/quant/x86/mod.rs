@@ -5,9 +5,9 @@
 
 use std::arch::x86_64::*;
 
-use super::block_scale;
 use super::fourbit::{QuantType, ABSMAX_FLOOR};
 use super::int8::overflow;
+use super::{block_scale, row_scale};
 use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
 
@@ -379,8 +379,7 @@ pub(crate) unsafe fn quantize_int8_rows_avx2(
             out.fill(0);
             continue;
         }
-        // `127.0 / row_stats` in torch is `reciprocal() * 127`: two roundings, as in int8.rs.
-        let scale_s = (1.0f32 / am) * 127.0;
+        let scale_s = row_scale(am);
         let scale = _mm256_set1_ps(scale_s);
         let mut c = 0;
         while c < vec_end {
