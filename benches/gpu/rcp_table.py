@@ -18,8 +18,9 @@ little-endian: where the two differ, and where the approximate one is the larger
 ``far_delta`` (the mantissas where they lie more than one ulp apart, and by how many ulps), with the
 GPU's name in the metadata - 2 MiB whatever the count, so it comes back from the device machine; the
 summary says how many differing results lie within one ulp of the true 1/x (all of them: ``differs``
-alone then says the GPU's reciprocal). With the table a CPU kernel can take the GPU's
-reciprocal bit for bit; the fixture
+alone then says the GPU's reciprocal, and is written raw as ``rcp_gpu.bin``, the map a CPU kernel
+would include: branch gpu-rcp's rust/core/quant/reciprocal.rs). With the table a CPU kernel can take
+the GPU's reciprocal bit for bit; the fixture
 (tests/fixtures/bnb_cuda_nested.safetensors) then says whether that removes every difference.
 
 The summary also counts the reciprocal instructions in bitsandbytes' quantize kernels (``--sass-only``: that
@@ -138,11 +139,18 @@ def main() -> None:
     delta = d[index]
     if np.abs(delta).max(initial=0) > 127:
         sys.exit("a difference beyond an int8 of ulps: not an approximate reciprocal")
+    true = 1.0 / x.astype(np.float64)  # the exact 1/x (float64 holds it closely enough to compare)
     # Within one ulp of the true 1/x, a result that is not the correctly rounded one can only be the other
     # float32 neighbour of 1/x: then one bit per mantissa says the GPU's reciprocal whole.
-    true = 1.0 / x[index].astype(np.float64)
-    other_side = np.abs(got[index].astype(np.float64) - true) < np.abs(
+    other_side = np.abs(got[index].astype(np.float64) - true[index]) < np.abs(
         np.nextafter(got[index], np.float32(np.inf)).astype(np.float64) - got[index].astype(np.float64))
+    # How far from the true 1/x the GPU's result lies, and how close to a rounding midpoint the true 1/x of
+    # a differing mantissa comes: if the differing ones all lie near midpoints, a kernel need consult the map
+    # only where the correctly rounded reciprocal is near one (residual from the f64 quotient).
+    ulp = np.spacing(want).astype(np.float64)
+    err = np.abs(got.astype(np.float64) - true) / ulp
+    mid = np.abs(np.abs(want.astype(np.float64) - true) / ulp - 0.5)
+    nearest_differing = float(mid[index].max(initial=0.0))
     # The scaling claim, on a sample of every binade the quantizers meet (absmax from 2^-126 to 2^127).
     rng = np.random.default_rng(0)
     sample = x[rng.integers(0, 1 << 23, 4096)]
@@ -163,9 +171,14 @@ def main() -> None:
     table = {"differs": np.packbits(d != 0, bitorder="little"), "above": np.packbits(d > 0, bitorder="little"),
              "far_index": index[far], "far_delta": delta[far].astype(np.int8)}
     save_file(table, str(args.out / "rcp_approx.safetensors"), metadata=meta)
+    if not far.any() and bool(other_side.all()):  # the map a CPU kernel would take (the docstring)
+        table["differs"].tofile(args.out / "rcp_gpu.bin")
     summary = {"device": name, "differ": int(index.size), "of": 1 << 23,
                "deltas": {int(k): int(v) for k, v in zip(*np.unique(delta, return_counts=True), strict=True)},
                "within_one_ulp_of_1/x": int(other_side.sum()),
+               "max_error_ulps": float(err.max()),
+               "differing_max_distance_from_midpoint_ulps": nearest_differing,
+               "agreeing_within_that_of_midpoint": int(np.sum(mid[d == 0] <= nearest_differing)),
                "binades_not_scaling": bad}
     if not args.no_sass:
         summary["bitsandbytes_sass"] = sass_reciprocals(cuda=args.cuda)

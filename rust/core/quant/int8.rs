@@ -6,8 +6,10 @@
 //!   `127.0 / SCB` as a reciprocal times 127);
 //! - an all-zero row gets SCB = 0 and CB = 0.
 //!
-//! The CUDA kernel divides with `__fdividef`, an approximate division, so a GPU-quantized weight can
-//! differ from this by one code on rare elements; the CPU result is the reproducible one.
+//! The CUDA kernel (`kInt8VectorQuant`, built with `--use_fast_math`) takes the GPU's approximate
+//! reciprocal (MUFU.RCP) and then multiplies by 127, so a GPU-quantized weight can differ from this by
+//! one code on rare elements (12 of the fixture's 81,964); `quant::row_scale` is where the factor is
+//! computed (benches/gpu/rcp_table.py --sass-only shows the instructions).
 
 use super::{row_scale, Kernel};
 use crate::dtype::FloatSlice;
