@@ -1,16 +1,16 @@
-"""Early reads beside the skeleton's build, on the CPU: how much each engine slows the build and how soon
-its reads end (early_reads.py; BENCHMARKS.md run 15).
+"""Early reads beside the skeleton's build, on the CPU: how much they slow the build and how soon they
+end (early_reads.py; BENCHMARKS.md run 15).
 
     python3 benches/bench_early_reads.py [--work /tmp/fastq-early] [--layers 32] [--threads 1] [--repeat 7]
 
 Writes a checkpoint with the names and sizes of a Llama-2-7B NF4 + double-quant conversion (random bytes;
 ``--layers`` decoder layers: 32 is 3.9 GB, ~1,600 tensors), warms the page cache, then builds the real
 7B skeleton (``skeleton.build_empty`` + ``replace_modules``, NF4) in this thread: alone, and while
-``EarlyReads`` streams the checkpoint to a CPU "device" with each engine - "rust" (``_fastq.Upload``, no
-GIL) and "python" (``stream_to_device`` on a thread). Prints the skeleton's seconds and when the reads
-ended, per engine, the median of ``--repeat`` runs. The skeleton's figure is the point; the reads' end
-is not a GPU's: on the CPU "device" every copy is a memcpy into fresh pages (the Rust engine's on one
-thread, page faults and all), where on a GPU the DMA engine copies.
+``EarlyReads`` (``_fastq.Upload``, no GIL) streams the checkpoint to a CPU "device". Prints the
+skeleton's seconds and when the reads ended, the median of ``--repeat`` runs. The skeleton's figure is
+the point; the reads' end is not a GPU's: on the CPU "device" every copy is a memcpy into fresh pages
+(on one thread, page faults and all), where on a GPU the DMA engine copies. (Run 15 also timed the
+Python loop that streamed them before; it was removed once the GPU had timed both.)
 """
 
 from __future__ import annotations
@@ -84,13 +84,11 @@ def skeleton_seconds(config_dir: Path) -> float:
 
 
 def one(ckpt, config_dir: Path, engine: str | None, threads: int) -> dict:
-    from fastq import early_reads
     from fastq.early_reads import EarlyReads, early_names
 
     t0 = time.perf_counter()
     early = None
     if engine is not None:
-        early_reads.EARLY_ENGINE = engine
         early = EarlyReads(ckpt, torch.device("cpu"), early_names(ckpt, torch.bfloat16, prequantized=True), threads)
     skel = skeleton_seconds(config_dir)
     out = {"engine": engine or "none", "skeleton_s": skel}
@@ -124,7 +122,7 @@ def main() -> None:
     skeleton_seconds(args.work)  # imports and first-build costs out of the figures
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeat):
-        for engine in (None, "rust", "python"):
+        for engine in (None, "rust"):
             r = one(ckpt, args.work, engine, args.threads)
             runs.setdefault(r["engine"], []).append(r)
     print("| engine | skeleton (s), median | reads end (s), median | runs |\n| --- | ---: | ---: | ---: |")

@@ -90,17 +90,16 @@ def test_float32_checkpoint_cast_then_quantized_on_the_gpu(tiny_model, name):
     assert_identical(ref, got, "llama")
 
 
-@pytest.mark.parametrize("early", ["rust", "python", None], ids=["early-rust", "early-python", "reads-after-plan"])
+@pytest.mark.parametrize("early", [True, False], ids=["early-reads", "reads-after-plan"])
 @pytest.mark.parametrize("name", ["nf4-dq", "fp4", "int8"])
 def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_path, name, early, monkeypatch):
     """Pre-quantized and plain loads every way: their bytes streamed while the skeleton is built
-    (early_reads.EarlyReads, the default, by the Rust upload or the Python loop) or once the plan is
-    made - the same model as transformers each way."""
+    (early_reads.EarlyReads, the default: the Rust upload) or once the plan is made - the same model as
+    transformers each way."""
     import fastq.early_reads
     import fastq.loader
 
-    monkeypatch.setattr(fastq.early_reads, "EARLY_READS", early is not None)
-    monkeypatch.setattr(fastq.early_reads, "EARLY_ENGINE", early or "rust")
+    monkeypatch.setattr(fastq.early_reads, "EARLY_READS", early)
     started, real = [], fastq.loader.start_early_reads
     monkeypatch.setattr(fastq.loader, "start_early_reads", lambda *a, **k: started.append(real(*a, **k)) or started[-1])
     folder = tiny_model("llama")
@@ -108,7 +107,7 @@ def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_pat
     plain_ref = auto_class("llama").from_pretrained(folder, device_map={"": 0}, dtype=DTYPE)
     plain = fastq.load(folder, None, {"": 0}, dtype=DTYPE, progress=False)
     assert_identical(plain_ref, plain, "llama")
-    assert [s is not None for s in started] == [early is not None] * 2  # the pre-quantized load's, the plain one's
+    assert [s is not None for s in started] == [early] * 2  # the pre-quantized load's, the plain one's
 
 
 @pytest.mark.parametrize("name", ["nf4-dq", "int8"])

@@ -5,16 +5,15 @@ lands.
 
 The stream runs whole in Rust (``_fastq.Upload``, rust/core/upload.rs): reads into the pinned ring,
 copies on the driver's stream, slots recycled on its events, on a thread that never takes the GIL. The
-same loop in Python (``transfer.stream_to_device`` on a thread, ``FASTQ_EARLY_ENGINE=python``) fought
-the skeleton's build for the GIL - a pre-quantized checkpoint's ~1,400 small statistics tensors most
-(BENCHMARKS.md runs 11-13, 15).
+same loop in Python (``transfer.stream_to_device`` on a thread, until run 15) fought the skeleton's build
+for the GIL - a pre-quantized checkpoint's ~1,400 small statistics tensors most - and was slower on the
+GPU (BENCHMARKS.md runs 11-13, 15).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 
 import torch
@@ -32,48 +31,15 @@ from .transfer import (
     device_bytes,
     reserve_cached,
     ring_for,
-    stream_to_device,
 )
 
-__all__ = ["EARLY_ENGINE", "EARLY_READS", "EarlyReads", "early_names", "start_early_reads"]
+__all__ = ["EARLY_READS", "EarlyReads", "early_names", "start_early_reads"]
 
 #: Stream a checkpoint bound whole for one GPU there while the skeleton is built: unquantized and
 #: pre-quantized ("1", the default), unquantized only ("plain", as before run 15), or neither ("0":
 #: every tensor read once the plan is made).
 EARLY_READS = os.environ.get("FASTQ_EARLY_READS", "1")
 
-
-#: The GIL switch interval while early reads run (CPython's default is 5 ms).
-EARLY_SWITCH_INTERVAL = 2e-4
-_SWITCH_LOCK = threading.Lock()
-_switch = {"active": 0, "saved": 0.0}
-
-
-@contextlib.contextmanager
-def _prompt_gil():
-    """A shorter GIL switch interval while early reads run. They run beside the skeleton's build, pure
-    Python that holds the GIL; each of their steps (queue a copy, hand a slot back to a read) needs the
-    GIL for microseconds, and waited up to the 5 ms default for it: 3.9 GB of copies then crawled at
-    21 GB/s (BENCHMARKS.md, run 11). Process-wide; the first early reads to start save the interval,
-    the last to end restore it."""
-    with _SWITCH_LOCK:
-        if _switch["active"] == 0:
-            _switch["saved"] = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch["saved"], EARLY_SWITCH_INTERVAL))
-        _switch["active"] += 1
-    try:
-        yield
-    finally:
-        with _SWITCH_LOCK:
-            _switch["active"] -= 1
-            if _switch["active"] == 0:
-                sys.setswitchinterval(_switch["saved"])
-
-
-#: Which engine streams the early reads: "rust" (the default: ``_fastq.Upload``, reads, copies and
-#: events on a Rust thread that never takes the GIL) or "python" (``stream_to_device``'s loop on a
-#: Python thread, as before run 15).
-EARLY_ENGINE = os.environ.get("FASTQ_EARLY_ENGINE", "rust")
 
 #: Tensors under this size are read early into shared device blocks (one allocation for a run of
 #: neighbours), larger ones each into a buffer of their own.
@@ -85,39 +51,27 @@ class EarlyReads:
     parameter each one fills: ``arrivals()`` hands them over in file order, each once it is on the
     device. ``cancel()`` stops the stream and drops what was not taken.
 
-    With the "rust" engine (``EARLY_ENGINE``) every buffer is allocated here, at once, and a Rust
-    thread (``_fastq.Upload``) reads, copies and recycles the ring's slots without the GIL, so the
-    skeleton's build on the caller's thread runs beside it at full speed; a helper thread only waits
-    for the ring to be pinned and starts it. With "python", ``stream_to_device`` runs on a thread of
-    its own and hands buffers over as their copies are queued (work queued after a hand-over on the
-    stream current here runs after the copies)."""
+    Every buffer is allocated here, at once, and a Rust thread (``_fastq.Upload``) reads, copies and
+    recycles the ring's slots without the GIL, so the skeleton's build on the caller's thread runs
+    beside it at full speed; a helper thread only waits for the ring to be pinned and starts it."""
 
     def __init__(self, ckpt, device: torch.device, names: list[str], threads=None, timeline: Timeline | None = None):
         self.device = device
         self._timeline = timeline
-        self._got: list[tuple[str, torch.Tensor]] = []
-        self._taken = 0
-        self._done = False
         self._error: BaseException | None = None
-        self._cond = threading.Condition()
         self._stop = threading.Event()
         self._upload = None
         self._ring = None
-        self._rust = EARLY_ENGINE == "rust"
-        self._order: list = []
         requests = [Request(n, n, ckpt.meta(n).nbytes, shared=True) for n in names]  # all kept as they are
         reserve_cached(device, device_bytes(requests))  # they all stay: one block, no tails
         # The caller's stream (torch's current stream is per thread): the buffers are allocated on it here.
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None  # a CPU device: tests
-        if self._rust:
-            self._order, blocks = _allocate(ckpt, names, device)
-            target, args = self._run_rust, (ckpt, blocks, stream, threads)
-        else:
-            target, args = self._run, (ckpt, requests, stream, threads, timeline)
-        self._thread = threading.Thread(target=target, args=args, daemon=True, name="fastq-early-reads")
+        self._order, blocks = _allocate(ckpt, names, device)
+        self._thread = threading.Thread(target=self._start, args=(ckpt, blocks, stream, threads), daemon=True,
+                                        name="fastq-early-reads")
         self._thread.start()
 
-    def _run_rust(self, ckpt, blocks, caller, threads) -> None:
+    def _start(self, ckpt, blocks, caller, threads) -> None:
         """Waits for the ring to be pinned, then starts the Rust upload of ``blocks`` (``_allocate``) on
         the copy stream, after what the caller's stream ``caller`` holds now."""
         cuda = self.device.type == "cuda"
@@ -137,48 +91,10 @@ class EarlyReads:
                                                  stream, threads)
         except BaseException as e:  # noqa: BLE001 - raised again where the tensors are taken
             self._error = e
-        finally:
-            self._ended()
-
-    def _run(self, ckpt, requests, stream, threads, timeline) -> None:
-        try:
-            with _prompt_gil(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                stream_to_device(ckpt, requests, self.device, self._arrived, threads=threads, timeline=timeline,
-                                 stop=self._stop)
-        except BaseException as e:  # noqa: BLE001 - raised again where the tensors are taken
-            self._error = e
-        finally:
-            self._ended()
-
-    def _ended(self) -> None:
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
-
-    def _arrived(self, name: str, buf: torch.Tensor) -> None:
-        with self._cond:
-            self._got.append((name, buf))
-            self._cond.notify_all()
 
     def arrivals(self):
-        """Yields ``(tensor name, uint8 device buffer)`` as each lands, until all have; then raises what
+        """Yields ``(tensor name, uint8 device buffer)`` as each lands, until all have; raises what
         stopped the stream, if anything did."""
-        if self._rust:
-            yield from self._arrivals_rust()
-            return
-        while True:
-            with self._cond:
-                while self._taken == len(self._got) and not self._done:
-                    self._cond.wait()
-                if self._taken == len(self._got):
-                    break
-                item, self._got[self._taken] = self._got[self._taken], None
-                self._taken += 1
-            yield item
-        if self._error is not None:
-            raise self._error
-
-    def _arrivals_rust(self):
         try:
             self._thread.join()  # the upload has started (or could not)
             if self._error is not None:
@@ -211,10 +127,7 @@ class EarlyReads:
         """Stops the stream (the reads in flight end first) and frees what was not taken."""
         self._stop.set()
         self._thread.join()
-        if self._rust:
-            self._end()
-        with self._cond:
-            self._got, self._taken = [], 0
+        self._end()
 
 
 def _allocate(ckpt, names: list[str], device: torch.device):
