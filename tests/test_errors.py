@@ -29,10 +29,11 @@ EXPECTED = {
     "BadRange": ("ShapeError", ValueError),
     "InvalidArgument": ("InvalidArgumentError", ValueError),
     "Cancelled": ("CancelledError", Exception),
+    "Device": ("DeviceError", RuntimeError),
     "Internal": ("InternalError", RuntimeError),
 }
 # Variants whose message has no file or no tensor.
-NO_PATH = {"UnknownDtype", "InvalidArgument", "Cancelled", "Internal"}
+NO_PATH = {"UnknownDtype", "InvalidArgument", "Cancelled", "Device", "Internal"}
 NO_TENSOR = NO_PATH | {"NotFound", "Io"}
 TENSOR = "model.layers.0.mlp.up_proj.weight"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+import threading
 
 import fastq
 import pytest
@@ -92,13 +93,13 @@ def test_float32_checkpoint_cast_then_quantized_on_the_gpu(tiny_model, name):
 @pytest.mark.parametrize("early", [True, False], ids=["early-reads", "reads-after-plan"])
 @pytest.mark.parametrize("name", ["nf4-dq", "fp4", "int8"])
 def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_path, name, early, monkeypatch):
-    """The plain load both ways: its bytes streamed while the skeleton is built (device_fill.EarlyReads,
-    the default) or once the plan is made - the same model as transformers either way. Pre-quantized
-    loads read after the plan (EarlyReads made them slower)."""
-    import fastq.device_fill
+    """Pre-quantized and plain loads every way: their bytes streamed while the skeleton is built
+    (early_reads.EarlyReads, the default: the Rust upload) or once the plan is made - the same model as
+    transformers each way."""
+    import fastq.early_reads
     import fastq.loader
 
-    monkeypatch.setattr(fastq.device_fill, "EARLY_READS", early)
+    monkeypatch.setattr(fastq.early_reads, "EARLY_READS", early)
     started, real = [], fastq.loader.start_early_reads
     monkeypatch.setattr(fastq.loader, "start_early_reads", lambda *a, **k: started.append(real(*a, **k)) or started[-1])
     folder = tiny_model("llama")
@@ -106,7 +107,7 @@ def test_prequantized_and_plain_checkpoints_through_the_ring(tiny_model, tmp_pat
     plain_ref = auto_class("llama").from_pretrained(folder, device_map={"": 0}, dtype=DTYPE)
     plain = fastq.load(folder, None, {"": 0}, dtype=DTYPE, progress=False)
     assert_identical(plain_ref, plain, "llama")
-    assert [s is not None for s in started] == [early]  # the plain load's; none for the pre-quantized
+    assert [s is not None for s in started] == [early] * 2  # the pre-quantized load's, the plain one's
 
 
 @pytest.mark.parametrize("name", ["nf4-dq", "int8"])
@@ -134,7 +135,6 @@ def test_a_gpu_load_whose_tensors_share_blocks_saves_as_transformers_does(tiny_m
 def test_a_load_failing_after_its_early_reads_started_stops_them(tiny_model, tmp_path):
     """A checkpoint that lacks a layer its config.json asks for fails at the plan, after the early reads
     began: the error names it, the reads' thread has ended and their buffers are freed."""
-    import threading
 
     folder = tmp_path / "more-layers"
     shutil.copytree(tiny_model("llama"), folder)
@@ -150,6 +150,54 @@ def test_a_load_failing_after_its_early_reads_started_stops_them(tiny_model, tmp
     gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
+
+
+def test_the_rust_upload_streams_every_byte_through_the_pinned_ring_and_stops_cleanly(tmp_path):
+    """early_reads.EarlyReads on the Rust engine (_fastq.Upload: reads, copies on the driver's stream,
+    slots recycled on its events) with 250 MB through the 4 x 64 MiB ring: every tensor lands, small ones
+    in shared blocks; an upload cancelled after its first tensor ends, hands the ring back and frees
+    its buffers; an upload started where no CUDA context is current is a DeviceError saying so."""
+    from fastq import early_reads, transfer
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    sizes = [5, 3 << 20, 100, 150 << 20, 7, 90 << 20, 33]
+    tensors = {f"t{k}": torch.randint(0, 255, (n,), generator=g, dtype=torch.uint8) for k, n in enumerate(sizes)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ck = fastq.open(tmp_path / "model.safetensors")
+    dev = torch.device("cuda", 0)
+    timeline = transfer.Timeline()
+    early = early_reads.EarlyReads(ck, dev, ck.keys(), timeline=timeline)
+    got = dict(early.arrivals())
+    for name, t in tensors.items():
+        assert got[name].device == dev and torch.equal(got[name].cpu(), t), name
+    assert timeline.summary()["copy"]["GB"] * 1e9 >= sum(sizes)
+    del got
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    early = early_reads.EarlyReads(ck, dev, ck.keys())
+    it = early.arrivals()
+    next(it)
+    early.cancel()
+    assert not transfer.ring_for().lock.locked()
+    del it, early
+    gc.collect()
+    assert torch.cuda.memory_allocated() == before
+    ring, out, errors = transfer.ring_for(), torch.empty(sizes[0], dtype=torch.uint8, device=dev), []
+
+    def start() -> None:  # a fresh thread: no CUDA context current on it until a CUDA call binds one
+        try:
+            fastq._fastq.Upload(ck.native, [(out.data_ptr(), sizes[0], [("t0", 0, sizes[0], 0)])],
+                                [ring.array(0)], transfer.copy_stream(dev).cuda_stream)
+        except fastq.FastqError as e:
+            errors.append(e)
+
+    with ring.lock:
+        t = threading.Thread(target=start)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and isinstance(errors[0], fastq.DeviceError) and "no current CUDA context" in str(errors[0])
 
 
 def test_quantize_on_cpu_still_loads_onto_the_gpu(tiny_model):

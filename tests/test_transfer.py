@@ -10,14 +10,16 @@ import mmap
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import fastq
 import pytest
 import torch
-from fastq import device_fill, transfer
-from fastq.device_fill import EarlyReads, _take_early, early_names
+from fastq import early_reads, transfer
+from fastq.device_fill import _take_early
 from fastq.device_map import default_device, single_device
+from fastq.early_reads import EarlyReads, early_names
 from safetensors.torch import save_file
 
 
@@ -178,6 +180,10 @@ def test_an_error_in_a_callback_leaves_no_read_in_the_ring(ckpt):
     assert not ring.lock.locked()
 
 
+def _ring_free() -> bool:
+    return transfer._RING is None or not transfer._RING.lock.locked()
+
+
 def test_early_reads_hand_over_every_tensor_in_file_order(ckpt):
     ck, tensors = ckpt
     early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
@@ -196,6 +202,8 @@ def test_early_reads_raise_the_read_error_where_they_are_taken(ckpt, tmp_path):
     with pytest.raises(fastq.TruncatedShardError) as e:
         list(early.arrivals())
     assert e.value.tensor == ck.keys()[-1] and e.value.path == str(path)
+    early.cancel()
+    assert early._upload is None and early._ring is None
 
 
 def test_cancelled_early_reads_end_their_arrivals_and_drop_their_buffers(ckpt):
@@ -203,8 +211,82 @@ def test_cancelled_early_reads_end_their_arrivals_and_drop_their_buffers(ckpt):
     early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
     early.cancel()
     assert not early._thread.is_alive()
-    assert [x for x in early._got if x is not None] == []
+    assert early._order == []
+    assert early._upload is None and early._ring is None  # the Rust upload ended, its ring handed back
     assert list(early.arrivals()) == []  # ends: no wait for tensors that will not come
+
+
+def test_the_rust_upload_fills_shared_blocks_of_small_neighbours_and_lone_large_tensors(tmp_path, monkeypatch):
+    """early_reads._allocate + _fastq.Upload: tensors under SMALL_TENSOR next to each other are views of
+    one block (each at a multiple of ALIGN), larger ones alone; every byte lands, through a ring of
+    slots smaller than the large tensor, and the timeline gets the upload's reads and copies."""
+    monkeypatch.setattr(early_reads, "SMALL_TENSOR", 4096)
+    g = torch.Generator().manual_seed(5)
+    tensors = {"a.absmax": torch.randn(33, generator=g), "a.weight": torch.randint(0, 255, (3000, 7), generator=g,
+               dtype=torch.uint8), "b.absmax": torch.randn(5, generator=g), "b.quant_map": torch.randn(16, generator=g),
+               "c.weight": torch.randint(0, 255, (9000,), generator=g, dtype=torch.uint8)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ck = fastq.open(tmp_path / "model.safetensors")
+    timeline = transfer.Timeline()
+    early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2, timeline=timeline)
+    got = dict(early.arrivals())
+    for name, t in tensors.items():
+        assert torch.equal(got[name], t.reshape(-1).view(torch.uint8)), name
+    base = {n: b.untyped_storage().data_ptr() for n, b in got.items()}
+    assert ck.keys() == ["a.absmax", "b.absmax", "b.quant_map", "a.weight", "c.weight"]  # safetensors' file order
+    assert base["a.absmax"] == base["b.absmax"] == base["b.quant_map"]  # neighbours share a block
+    assert len({base["a.absmax"], base["a.weight"], base["c.weight"]}) == 3
+    assert all((b.data_ptr() - base[n]) % transfer.ALIGN == 0 for n, b in got.items())
+    s = timeline.summary()
+    assert s["read"]["GB"] * 1e9 >= sum(b.numel() for b in got.values())
+    assert s["copy"]["GB"] == s["read"]["GB"] and s["copy"]["end"] >= s["copy"]["start"]
+    assert _ring_free()
+
+
+def test_the_rust_upload_never_takes_the_gil(ckpt):
+    """_fastq.Upload runs to its end while this thread holds the GIL throughout (a busy loop under a
+    1,000 s switch interval: no other Python thread runs meanwhile) - reads, copies and slot recycling
+    need no Python. The Python loop (stream_to_device) could not: it would never end here."""
+    ck, tensors = ckpt
+    dst = {n: torch.empty(ck.meta(n).nbytes, dtype=torch.uint8) for n in ck}
+    requests = [(d.data_ptr(), d.numel(), [(n, 0, d.numel(), 0)] if d.numel() else []) for n, d in dst.items()]
+    slots = [torch.empty(4096, dtype=torch.uint8).numpy() for _ in range(3)]  # 1.4 MB through 12 KiB
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        up = fastq._fastq.Upload(ck.native, requests, slots, threads=2)
+        deadline = time.monotonic() + 120  # a bound for a broken build, not a speed
+        while not up.finished() and time.monotonic() < deadline:
+            pass
+    finally:
+        sys.setswitchinterval(old)
+    assert up.finished() and up.wait() == len(dst)
+    for n, t in tensors.items():
+        assert torch.equal(dst[n], t.contiguous().reshape(-1).view(torch.uint8)), n
+
+
+def test_the_rust_upload_refuses_a_bad_request_before_it_reads():
+    """_fastq.Upload checks every request against the checkpoint first: a piece outside its tensor or
+    its buffer is an InvalidArgumentError, an unknown tensor an UnknownTensorError; a stream asked for
+    where there is no CUDA driver a DeviceError."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        save_file({"t": torch.arange(10, dtype=torch.uint8)}, os.path.join(d, "m.safetensors"))
+        ck = fastq.open(os.path.join(d, "m.safetensors"))
+        dst, slot = torch.zeros(10, dtype=torch.uint8), torch.zeros(4096, dtype=torch.uint8).numpy()
+        with pytest.raises(fastq.InvalidArgumentError):
+            fastq._fastq.Upload(ck.native, [(dst.data_ptr(), 5, [("t", 0, 10, 0)])], [slot])
+        with pytest.raises(fastq.UnknownTensorError):
+            fastq._fastq.Upload(ck.native, [(dst.data_ptr(), 10, [("u", 0, 10, 0)])], [slot])
+        with pytest.raises(fastq.InvalidArgumentError):
+            fastq._fastq.Upload(ck.native, [], [])
+        up = fastq._fastq.Upload(ck.native, [(dst.data_ptr(), 10, [("t", 0, 10, 0)])], [slot])
+        assert up.wait() == 1 and up.finished() and up.done() == 1
+        assert torch.equal(dst, torch.arange(10, dtype=torch.uint8))
+        if not torch.cuda.is_available():  # no driver here: a DeviceError, not a crash (GPU: tests/test_gpu.py)
+            with pytest.raises(fastq.DeviceError, match="libcuda|context"):
+                fastq._fastq.Upload(ck.native, [(dst.data_ptr(), 10, [("t", 0, 10, 0)])], [slot], stream=0)
 
 
 def test_take_early_gives_each_request_its_tensor_once():
@@ -238,39 +320,53 @@ def test_early_names_are_the_file_order_unless_a_tensor_would_be_cast(tmp_path):
     assert early_names(ck, torch.float16) is None  # the bfloat16 weights would be cast: not read early
 
 
+def test_early_names_of_a_prequantized_checkpoint_skip_what_the_host_reads_or_the_plan_casts(tmp_path):
+    """A pre-quantized checkpoint's early reads: packed weights, statistics (any dtype) and the tensors
+    stored in the load's dtype; not the QuantState JSONs nor int8 layout markers (read on the host) nor
+    a float tensor other than a statistic that would be cast."""
+    def u8(n):
+        return torch.zeros(n, dtype=torch.uint8)
+
+    tensors = {"l.weight": u8(4), "l.weight.absmax": torch.ones(2), "l.weight.quant_map": torch.ones(16),
+               "l.weight.nested_absmax": torch.ones(1), "l.weight.nested_quant_map": torch.ones(256),
+               "l.weight.quant_state.bitsandbytes__nf4": u8(9), "m.weight": u8(4).to(torch.int8), "m.SCB": torch.ones(2),
+               "m.weight_format": u8(1), "norm.weight": torch.ones(4), "embed.weight": torch.ones(4, dtype=torch.bfloat16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ck = fastq.open(tmp_path / "model.safetensors")
+    got = early_names(ck, torch.bfloat16, prequantized=True)
+    assert got == [n for n in ck if n not in ("l.weight.quant_state.bitsandbytes__nf4", "m.weight_format",
+                                                     "norm.weight")]
+    assert "norm.weight" in early_names(ck, torch.float32, prequantized=True)
+    assert early_names(ck, torch.bfloat16) is None  # unquantized rule: a cast turns early reads off
+
+
+@pytest.mark.parametrize(("mode", "plain", "pre"), [("1", True, True), (True, True, True), ("plain", True, False),
+                                                    ("0", False, False), (False, False, False)])
+def test_early_reads_mode_chooses_the_checkpoints_read_early(tmp_path, monkeypatch, mode, plain, pre):
+    """FASTQ_EARLY_READS: "1" both kinds, "plain" unquantized only (before run 15), "0" neither;
+    FASTQ_EARLY_THREADS: their reader threads when the load names none."""
+    save_file({"w": torch.ones(4, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    ck = fastq.open(tmp_path / "model.safetensors")
+    monkeypatch.setattr(early_reads, "EARLY_READS", mode)
+    monkeypatch.setattr(early_reads.dmap_mod, "cuda_device", lambda dev: torch.device("cpu"))  # a CPU "GPU"
+    started = []
+    monkeypatch.setattr(early_reads, "EarlyReads", lambda *a, **k: started.append((a[2], a[3])) or a[2])
+    monkeypatch.setenv("FASTQ_EARLY_THREADS", "3")  # the early reads' own thread count, unless the load names one
+    for prequantized, want in ((False, plain), (True, pre)):
+        started.clear()
+        got = early_reads.start_early_reads(ck, {"": 0}, torch.bfloat16, prequantized=prequantized)
+        assert (got is not None, started) == (want, [(["w"], 3)] if want else []), prequantized
+    started.clear()
+    early_reads.start_early_reads(ck, {"": 0}, torch.bfloat16, threads=5)
+    assert started == ([(["w"], 5)] if plain else [])
+
+
 def test_single_device_is_known_before_the_model():
     assert single_device(None) == default_device()
     assert single_device({"": 0}) == single_device(0) == single_device("cuda") == "cuda:0"
     assert single_device(torch.device("cuda", 1)) == "cuda:1"
     assert single_device("cpu") == single_device({"": "cpu"}) == "cpu"
     assert single_device("auto") is None and single_device({"a": 0, "b": 1}) is None
-
-
-def test_early_reads_shorten_the_gil_switch_interval_while_they_run():
-    """device_fill._prompt_gil: the first of overlapping early reads sets the short interval, the last
-    to end restores the caller's - whatever order they end in."""
-    old = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.004)
-        a, b = device_fill._prompt_gil(), device_fill._prompt_gil()
-        a.__enter__()
-        assert sys.getswitchinterval() == pytest.approx(device_fill.EARLY_SWITCH_INTERVAL)
-        b.__enter__()
-        a.__exit__(None, None, None)
-        assert sys.getswitchinterval() == pytest.approx(device_fill.EARLY_SWITCH_INTERVAL)
-        b.__exit__(None, None, None)
-        assert sys.getswitchinterval() == pytest.approx(0.004)
-    finally:
-        sys.setswitchinterval(old)
-
-
-def test_early_reads_restore_the_interval_when_they_end(ckpt):
-    ck, _ = ckpt
-    old = sys.getswitchinterval()
-    early = EarlyReads(ck, torch.device("cpu"), ck.keys(), threads=2)
-    assert len(list(early.arrivals())) == len(ck.keys())
-    early.cancel()
-    assert sys.getswitchinterval() == old
 
 
 def test_gpu_compare_samples_anonymous_and_file_backed_peaks(tmp_path):

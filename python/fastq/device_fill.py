@@ -5,45 +5,29 @@ calls transformers makes (``Params4bit._quantize``: ``quantize_4bit`` with compr
 transformers + bitsandbytes on the same GPU by construction, double-quant offsets and int8 included.
 
 Pre-quantized tensors (fastq's and transformers' checkpoints) and unquantized ones take the same
-ring straight into their parameters: no per-tensor copy from pageable memory. An unquantized
-checkpoint needs no plan to be read, so when every tensor goes to one GPU it starts streaming there
-while transformers builds the skeleton (``EarlyReads``), and the fill takes the tensors as they arrive.
-A pre-quantized one does not (measured: its ~1,400 small statistics tensors, each a few Python steps,
-fought the skeleton's build for the GIL and made the load slower, BENCHMARKS.md run 11; its large
-tensors alone slow the build about as much as they save, runs 12-13).
+ring straight into their parameters: no per-tensor copy from pageable memory. When every tensor goes
+to one GPU they have been streaming there since before the skeleton was built (early_reads.py), and
+the fill takes each as it lands.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import device_map as dmap_mod
 from .bnb_format import QUANT_STATE, SCB, WEIGHT_FORMAT, quant_state_stat
 from .checkpoint import SPEC_INT8
+from .device_map import cuda_device
 from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .transfer import Request, Timeline, device_bytes, reserve_cached, stream_to_device
 
-__all__ = ["EarlyReads", "cuda_device", "early_names", "fill_on_device", "start_early_reads", "warm_kernels"]
+if TYPE_CHECKING:
+    from .early_reads import EarlyReads
 
-#: Stream an unquantized checkpoint to its GPU while the skeleton is built ("1", the default) or only
-#: once the plan is made ("0").
-EARLY_READS = os.environ.get("FASTQ_EARLY_READS", "1") != "0"
-
-
-def cuda_device(dev) -> torch.device | None:
-    """The CUDA device a device-map value names, or None for the CPU and disk."""
-    if isinstance(dev, int):
-        return torch.device("cuda", dev)
-    if isinstance(dev, str) and dev.startswith("cuda"):
-        d = torch.device(dev)
-        return d if d.index is not None else torch.device("cuda", torch.cuda.current_device())
-    return None
-
+__all__ = ["fill_on_device", "warm_kernels"]
 
 def _weight(ckpt, name: str, buf: torch.Tensor) -> torch.Tensor:
     """The device bytes ``buf`` of checkpoint tensor ``name`` as a tensor of its dtype and shape."""
@@ -119,111 +103,6 @@ def warm_kernels(spec, device: torch.device) -> threading.Thread:
     return t
 
 
-#: The GIL switch interval while early reads run (CPython's default is 5 ms).
-EARLY_SWITCH_INTERVAL = 2e-4
-_SWITCH_LOCK = threading.Lock()
-_switch = {"active": 0, "saved": 0.0}
-
-
-@contextlib.contextmanager
-def _prompt_gil():
-    """A shorter GIL switch interval while early reads run. They run beside the skeleton's build, pure
-    Python that holds the GIL; each of their steps (queue a copy, hand a slot back to a read) needs the
-    GIL for microseconds, and waited up to the 5 ms default for it: 3.9 GB of copies then crawled at
-    21 GB/s (BENCHMARKS.md, run 11). Process-wide; the first early reads to start save the interval,
-    the last to end restore it."""
-    with _SWITCH_LOCK:
-        if _switch["active"] == 0:
-            _switch["saved"] = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch["saved"], EARLY_SWITCH_INTERVAL))
-        _switch["active"] += 1
-    try:
-        yield
-    finally:
-        with _SWITCH_LOCK:
-            _switch["active"] -= 1
-            if _switch["active"] == 0:
-                sys.setswitchinterval(_switch["saved"])
-
-
-class EarlyReads:
-    """Checkpoint tensors streamed through the ring to ``device`` by a thread of their own, before
-    anything knows which parameter each one fills: ``arrivals()`` hands them over in the order they
-    land. The thread works on the stream that was current where it was made, so work queued there
-    after a hand-over runs after the copies. ``cancel()`` stops it and drops what was not taken."""
-
-    def __init__(self, ckpt, device: torch.device, names: list[str], threads=None, timeline: Timeline | None = None):
-        self.device = device
-        self._got: list[tuple[str, torch.Tensor]] = []
-        self._taken = 0
-        self._done = False
-        self._error: BaseException | None = None
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        requests = [Request(n, n, ckpt.meta(n).nbytes, shared=True) for n in names]  # all kept as they are
-        reserve_cached(device, device_bytes(requests))  # they all stay: one block, no tails
-        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None  # a CPU device: tests
-        self._thread = threading.Thread(target=self._run, args=(ckpt, requests, stream, threads, timeline),
-                                        daemon=True, name="fastq-early-reads")
-        self._thread.start()
-
-    def _run(self, ckpt, requests, stream, threads, timeline) -> None:
-        try:
-            with _prompt_gil(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                stream_to_device(ckpt, requests, self.device, self._arrived, threads=threads, timeline=timeline,
-                                 stop=self._stop)
-        except BaseException as e:  # noqa: BLE001 - raised again where the tensors are taken
-            self._error = e
-        finally:
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
-
-    def _arrived(self, name: str, buf: torch.Tensor) -> None:
-        with self._cond:
-            self._got.append((name, buf))
-            self._cond.notify_all()
-
-    def arrivals(self):
-        """Yields ``(tensor name, uint8 device buffer)`` as each lands, until all have; then raises what
-        stopped the stream, if anything did."""
-        while True:
-            with self._cond:
-                while self._taken == len(self._got) and not self._done:
-                    self._cond.wait()
-                if self._taken == len(self._got):
-                    break
-                item, self._got[self._taken] = self._got[self._taken], None
-                self._taken += 1
-            yield item
-        if self._error is not None:
-            raise self._error
-
-    def cancel(self) -> None:
-        """Stops the stream (the reads in flight end first) and frees what was not taken."""
-        self._stop.set()
-        self._thread.join()
-        with self._cond:
-            self._got, self._taken = [], 0
-
-
-def start_early_reads(ckpt, device_map, dtype: torch.dtype, threads=None, timeline: Timeline | None = None):
-    """``EarlyReads`` of an unquantized load's ``early_names`` when ``device_map`` sends everything to
-    one GPU; else None."""
-    dev = cuda_device(dmap_mod.single_device(device_map))
-    names = early_names(ckpt, dtype) if EARLY_READS and dev is not None else None
-    return EarlyReads(ckpt, dev, names, threads, timeline) if names else None
-
-
-def early_names(ckpt, dtype: torch.dtype) -> list[str] | None:
-    """Every tensor of an unquantized checkpoint, in file order; None when a stored float tensor would be
-    cast to ``dtype`` (it would be held twice until the plan is made)."""
-    names = list(ckpt)
-    if any(ckpt.meta(n).torch_dtype.is_floating_point and ckpt.meta(n).torch_dtype != dtype for n in names):
-        return None
-    return names
-
-
 def fill_on_device(
     model, ckpt, entries, dmap: dict, spec, *, quantize: bool, threads=None, timeline: Timeline | None = None,
     on_placed=None, early: EarlyReads | None = None,
@@ -240,7 +119,7 @@ def fill_on_device(
         threads: reader threads.
         timeline: where to record the stages' spans.
         on_placed: called with each entry once its tensor is in place (progress).
-        early: the tensors already streaming to their GPU (``start_early_reads``), taken first.
+        early: the tensors already streaming to their GPU (``early_reads.start_early_reads``), taken first.
 
     Returns:
         The entries left for the host path.

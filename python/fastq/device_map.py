@@ -9,7 +9,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["STRATEGIES", "check_offload", "cpu_only", "default_device", "device_of", "quantized_sizes", "resolve", "single_device"]
+__all__ = ["STRATEGIES", "check_offload", "cpu_only", "cuda_device", "default_device", "device_of", "quantized_sizes", "resolve", "single_device"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -227,3 +227,13 @@ def check_offload(device_map: dict, quantized_modules: list[str], fp32_cpu_offlo
             "others are on a GPU. Either give the GPU more room (max_memory) or set "
             "llm_int8_enable_fp32_cpu_offload=True so the offloaded modules stay unquantized in float32."
         )
+
+
+def cuda_device(dev) -> torch.device | None:
+    """The CUDA device a device-map value names, or None for the CPU and disk."""
+    if isinstance(dev, int):
+        return torch.device("cuda", dev)
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        d = torch.device(dev)
+        return d if d.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return None

@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "ConfigFileError",
     "ConversionLockedError",
+    "DeviceError",
     "FastqError",
     "FastqIOError",
     "HeaderError",
@@ -115,6 +116,10 @@ class UnsavableModelError(FastqError, ValueError):
 
 class CancelledError(FastqError):
     """A run stopped before it finished because its caller asked it to."""
+
+
+class DeviceError(FastqError, RuntimeError):
+    """The GPU's driver refused a call fastq made to it (no driver, no context, a failed copy)."""
 
 
 class InternalError(FastqError, RuntimeError):

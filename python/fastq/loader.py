@@ -25,8 +25,9 @@ from . import shard as shard_mod
 from . import transfer
 from .checkpoint import Checkpoint
 from .config import QuantConfig
-from .device_fill import start_early_reads, warm_kernels
+from .device_fill import warm_kernels
 from .dispatch import finalize, raise_glibc_mmap_threshold
+from .early_reads import start_early_reads
 from .errors import ConfigError
 from .logs import quiet_bitsandbytes
 from .placement import fill, start_prefetch
@@ -108,8 +109,8 @@ def load(
     if gpu:
         if qcfg is not None and not inputs.prequantized and quantize_on != "cpu":
             warm = warm_kernels(qcfg.spec, torch.device("cuda", torch.cuda.current_device()))
-        elif qcfg is None and share is None:  # unquantized bytes for one GPU: read them while it is built
-            early = start_early_reads(ckpt, device_map, dtype, threads, timeline)
+        elif share is None and (qcfg is None or inputs.prequantized):  # bytes kept as read: stream them now
+            early = start_early_reads(ckpt, device_map, dtype, threads, timeline, inputs.prequantized)
     try:
         caller_model = model is not None
         if model is None and src.config_path is None:

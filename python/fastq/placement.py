@@ -19,7 +19,8 @@ from . import device_map as dmap_mod
 from . import transfer
 from .bnb_format import QUANT_STATE, SCB, quant_state_stat
 from .checkpoint import Checkpoint
-from .device_fill import cuda_device, fill_on_device
+from .device_fill import fill_on_device
+from .device_map import cuda_device
 from .errors import ConfigError
 from .install import get_submodule, prequantized_4bit, prequantized_int8, set_4bit, set_int8, set_plain
 from .plan import Plan
@@ -44,7 +45,7 @@ def fill(
     quantized there unless asked otherwise; for the rest, the Rust pipeline quantizes in the background
     while the unquantized tensors are placed here; packed results are installed as they arrive.
 
-    ``early``: the tensors already streaming to the GPU (``device_fill.start_early_reads``).
+    ``early``: the tensors already streaming to the GPU (``early_reads.start_early_reads``).
 
     Returns:
         The index of the tensors offloaded to disk (accelerate's ``offload_index``; empty if none).

@@ -33,8 +33,8 @@ import torch
 from . import _fastq
 
 __all__ = [
-    "ALIGN", "LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "copy_stream", "device_bytes", "prefetch_ring",
-    "reserve_cached", "ring_for", "stream_to_device", "to_device",
+    "ALIGN", "LAST_TIMELINE", "PinnedRing", "Request", "Timeline", "aligned", "copy_stream", "device_bytes",
+    "prefetch_ring", "reserve_cached", "ring_for", "stream_to_device", "to_device",
 ]
 
 #: Bytes per slot and slots in the ring: 4 x 64 MiB, three reads queued while the fourth slot is
@@ -184,7 +184,8 @@ ALIGN = 256
 SHARED_BLOCKS = os.environ.get("FASTQ_SHARED_BLOCKS", "1") != "0"
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """``n`` rounded up to a multiple of ``ALIGN``: where the next request starts in a slot or block."""
     return -(-n // ALIGN) * ALIGN
 
 
@@ -220,12 +221,14 @@ class Request:
 
 @dataclass
 class Timeline:
-    """When each stage ran: reads (host clock), copies and device work (CUDA events), in seconds
-    from ``t0``. ``summary()`` gives busy time and bytes per stage."""
+    """When each stage ran: reads (host clock), copies and device work (CUDA events; the Rust upload's
+    copies on the host clock, from queued to seen finished), in seconds from ``t0``. ``summary()`` gives
+    busy time and bytes per stage."""
 
     t0: float = field(default_factory=time.time)
     reads: list[tuple[float, float, int]] = field(default_factory=list)
     copies: list[tuple[object, object, int]] = field(default_factory=list)
+    host_copies: list[tuple[float, float, int]] = field(default_factory=list)
     work: list[tuple[object, object]] = field(default_factory=list)
     base: object | None = None
     base_time: float = 0.0
@@ -246,6 +249,8 @@ class Timeline:
     def spans(self) -> dict[str, list[tuple[float, float]]]:
         """Every span per stage, in seconds from ``t0`` (device events are synchronized first)."""
         out: dict[str, list[tuple[float, float]]] = {"read": [(a - self.t0, b - self.t0) for a, b, _ in self.reads]}
+        if self.host_copies:
+            out["copy"] = [(a - self.t0, b - self.t0) for a, b, _ in self.host_copies]
         if self.base is not None:
             self.base.synchronize()
             off = self.base_time - self.t0
@@ -253,14 +258,15 @@ class Timeline:
             def rel(ev) -> float:
                 return off + self.base.elapsed_time(ev) / 1e3
 
-            out["copy"] = [(rel(a), rel(b)) for a, b, _ in self.copies]
+            out["copy"] = out.get("copy", []) + [(rel(a), rel(b)) for a, b, _ in self.copies]
             out["device"] = [(rel(a), rel(b)) for a, b in self.work]
         return out
 
     def summary(self) -> dict:
         """Per stage: first start, last end, busy seconds (union of spans), bytes and GB/s over busy time."""
         res = {}
-        nbytes = {"read": sum(n for *_, n in self.reads), "copy": sum(n for *_, n in self.copies)}
+        nbytes = {"read": sum(n for *_, n in self.reads),
+                  "copy": sum(n for *_, n in self.copies) + sum(n for *_, n in self.host_copies)}
         for stage, spans in self.spans().items():
             if not spans:
                 continue
@@ -293,7 +299,7 @@ LAST_TIMELINE = _Last()
 
 def device_bytes(requests: Iterable[Request]) -> int:
     """Device bytes the requests' buffers take, each rounded up to ``ALIGN`` as in a shared block."""
-    return sum(_aligned(r.nbytes) for r in requests)
+    return sum(aligned(r.nbytes) for r in requests)
 
 
 def _batches(requests: list[Request], slot_bytes: int):
@@ -301,7 +307,7 @@ def _batches(requests: list[Request], slot_bytes: int):
     a tensor larger than a slot spans several batches. Each request starts at a multiple of ``ALIGN``."""
     batch, used = [], 0
     for i, r in enumerate(requests):
-        used = min(_aligned(used), slot_bytes)
+        used = min(aligned(used), slot_bytes)
         if r.nbytes == 0:
             batch.append((i, 0, 0, used))
             continue

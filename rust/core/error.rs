@@ -167,6 +167,9 @@ pub enum Error {
     /// The caller stopped a run (its progress callback asked to) before it finished.
     #[error("the run was cancelled")]
     Cancelled,
+    /// The GPU's driver refused a call (no driver, no context, a failed copy).
+    #[error("device: {0}")]
+    Device(String),
     /// Something the core needs failed that no input explains (a thread could not start, a worker
     /// panicked): a bug or an exhausted resource, never the checkpoint's fault.
     #[error("internal error: {0}")]
@@ -194,6 +197,7 @@ impl Error {
             Error::BadRange { .. } => "BadRange",
             Error::InvalidArgument(_) => "InvalidArgument",
             Error::Cancelled => "Cancelled",
+            Error::Device(_) => "Device",
             Error::Internal(_) => "Internal",
         }
     }
@@ -278,6 +282,7 @@ impl Error {
             },
             Error::InvalidArgument("blocksize 7".into()),
             Error::Cancelled,
+            Error::Device("cuMemcpyHtoDAsync: CUDA_ERROR_ILLEGAL_ADDRESS".into()),
             Error::Internal("a worker panicked".into()),
         ]
     }

@@ -6,6 +6,7 @@
 
 pub mod cast;
 pub mod checkpoint;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod guard;
@@ -15,6 +16,7 @@ pub mod pack;
 pub mod pipeline;
 pub mod quant;
 pub mod staging;
+pub mod upload;
 pub mod writer;
 
 pub use checkpoint::{Checkpoint, TensorInfo};

@@ -87,6 +87,18 @@ pub fn read_into(ckpt: &Checkpoint, pieces: &[Piece], dst: &mut [u8]) -> Result<
     })
 }
 
+/// Test helper: drops the last `bytes` bytes of the file at `path` (a shard cut short under a reader).
+#[cfg(test)]
+pub(crate) fn cut_short(path: &std::path::Path, bytes: u64) {
+    let len = std::fs::metadata(path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len - bytes)
+        .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,14 +180,7 @@ mod tests {
     fn a_shard_cut_short_after_opening_names_the_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let ck = checkpoint(dir.path());
-        let path = dir.path().join("model.safetensors");
-        let len = std::fs::metadata(&path).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 1000)
-            .unwrap();
+        cut_short(&dir.path().join("model.safetensors"), 1000);
         let n = ck.info("b").unwrap().nbytes();
         let mut dst = vec![0u8; n];
         let err = read_into(&ck, &[piece_b(n)], &mut dst).unwrap_err();

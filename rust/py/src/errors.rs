@@ -27,6 +27,7 @@ const CLASSES: &[(&str, &str)] = &[
     ("BadRange", "ShapeError"),
     ("InvalidArgument", "InvalidArgumentError"),
     ("Cancelled", "CancelledError"),
+    ("Device", "DeviceError"),
     ("Internal", "InternalError"),
 ];
 
@@ -73,6 +74,7 @@ fn path_and_tensor(e: &Error) -> (Option<String>, Option<String>) {
         Error::UnknownDtype { .. }
         | Error::InvalidArgument(_)
         | Error::Cancelled
+        | Error::Device(_)
         | Error::Internal(_) => (None, None),
     }
 }

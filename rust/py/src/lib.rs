@@ -1,7 +1,7 @@
 //! `fastq._fastq`: the thin pyo3 binding of the fastq core. One file per surface: buffers handed to
 //! Python (buffer.rs), the `Job` every entry point takes (job.rs), results as `Packed4bit` /
 //! `PackedInt8` objects (packed.rs), single-tensor ops (ops.rs), checkpoints and the streaming
-//! pipeline (checkpoint.rs), positioned reads into pinned buffers (staging.rs), conversion into
+//! pipeline (checkpoint.rs), positioned reads into pinned buffers (staging.rs), the upload to a GPU run whole in Rust (upload.rs), conversion into
 //! sharded safetensors with its `Output` tensors (convert.rs), errors resolved at import (errors.rs).
 //!
 //! Every entry point extracts its arguments, runs the core with the GIL released, then builds Python
@@ -33,6 +33,7 @@ mod job;
 mod ops;
 mod packed;
 mod staging;
+mod upload;
 
 /// The extension module; importing it resolves fastq's exception classes (`errors::init`).
 #[pymodule]
@@ -48,6 +49,7 @@ fn _fastq(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<convert::Output>()?;
     m.add_class::<staging::Reader>()?;
     m.add_class::<staging::ReadTicket>()?;
+    m.add_class::<upload::Upload>()?;
     m.add_function(wrap_pyfunction!(ops::quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(ops::quantize_int8, m)?)?;
     m.add_function(wrap_pyfunction!(ops::quantize_nested_blockwise, m)?)?;

@@ -65,15 +65,7 @@ impl Reader {
                 "the destination must be a writable, contiguous buffer".into(),
             )));
         }
-        let pieces: Vec<Piece> = pieces
-            .into_iter()
-            .map(|(tensor, offset, len, dst_offset)| Piece {
-                tensor,
-                offset,
-                len,
-                dst_offset,
-            })
-            .collect();
+        let pieces = pieces_of(pieces);
         let (ptr, len) = (dst.buf_ptr() as usize, dst.len_bytes());
         staging::check(&self.ckpt, &pieces, len).py_err()?;
         let outcome: Outcome = Arc::new((Mutex::new(None), Condvar::new()));
@@ -101,6 +93,19 @@ impl Reader {
             times,
         })
     }
+}
+
+/// Pieces as Python gives them, `(tensor, offset, len, dst_offset)` each.
+pub(crate) fn pieces_of(pieces: Vec<(String, usize, usize, usize)>) -> Vec<Piece> {
+    pieces
+        .into_iter()
+        .map(|(tensor, offset, len, dst_offset)| Piece {
+            tensor,
+            offset,
+            len,
+            dst_offset,
+        })
+        .collect()
 }
 
 /// Blocks until the read finished; returns its outcome (once: later calls see Ok).
