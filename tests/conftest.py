@@ -8,6 +8,7 @@ reference) crashes in its forward pass.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -140,6 +141,90 @@ def nested_stat_close(key: str, ref: torch.Tensor, got: torch.Tensor) -> bool:
     return False
 
 
+#: The map of mantissas where the GPU's reciprocal is not the correctly rounded one (benches/gpu/rcp_table.py
+#: measured it; rust/core/quant/reciprocal.rs includes it).
+RCP_TABLE = os.path.join(os.path.dirname(__file__), "..", "rust", "core", "quant", "rcp_gpu.bin")
+
+
+@functools.cache
+def _rcp_table() -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.fromfile(RCP_TABLE, dtype=np.uint8)).long()
+
+
+def gpu_reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """``rcp.approx.ftz.f32`` of a float32 tensor as bitsandbytes' CUDA kernels take it, from the measured
+    map: where ``x`` and ``1 / x`` are normal and the map's bit for ``x``'s mantissa is set, the other
+    float32 neighbour of the true 1/x; elsewhere the correctly rounded reciprocal (as fastq keeps it)."""
+    x = x.float()
+    table = _rcp_table()
+    r = torch.tensor(1.0) / x
+    tiny = torch.finfo(torch.float32).tiny
+    normal = torch.isfinite(x) & (x.abs() >= tiny) & torch.isfinite(r) & (r.abs() >= tiny)
+    m = x.view(torch.int32).long() & ((1 << 23) - 1)
+    other = normal & ((table[m >> 3] >> (m & 7)) & 1).bool()
+    below = r.double().abs() < (1.0 / x.double()).abs()
+    step = torch.where(below, 1, -1).to(torch.int32)
+    return torch.where(other, (r.view(torch.int32) + step).view(torch.float32), r)
+
+
+def reciprocal_differs(x: torch.Tensor) -> torch.Tensor:
+    """Where the GPU's reciprocal of ``x`` is not the correctly rounded one (a boolean mask)."""
+    return gpu_reciprocal(x) != torch.tensor(1.0) / x.float()
+
+
+def int8_rows_as_on_the_gpu(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CPU CB of float16 ``x`` with the rows whose SCB's reciprocal the GPU rounds the other
+    way requantized as its CUDA kernel does: ``round_half_even(x * (gpu_reciprocal(SCB) * 127))``."""
+    rows = reciprocal_differs(scb) & (scb != 0)
+    if not bool(rows.any()):
+        return cb
+    cb = cb.clone()
+    scale = gpu_reciprocal(scb[rows]) * torch.tensor(127.0)
+    cb[rows] = torch.round(x[rows].float() * scale.reshape(-1, 1)).to(torch.int8)
+    return cb
+
+
+def int8_quant_as_on_the_gpu(cpu):
+    """``bitsandbytes.functional.int8_vectorwise_quant`` (``cpu``) with the weights' CB (threshold 0) as its
+    CUDA kernel rounds them (``int8_rows_as_on_the_gpu``)."""
+
+    def quant(A, threshold=0.0):
+        cb, scb, cols = cpu(A, threshold)
+        if threshold == 0.0 and A.dim() == 2 and A.device.type == "cpu":
+            cb = int8_rows_as_on_the_gpu(A, cb, scb)
+        return cb, scb, cols
+
+    return quant
+
+
+@pytest.fixture(autouse=True)
+def bitsandbytes_as_on_the_gpu(monkeypatch):
+    """transformers' reference quantizes int8 weights with bitsandbytes' CPU kernel, whose 127 / SCB is
+    correctly rounded; fastq follows the CUDA kernel, which takes the GPU's reciprocal. This makes the
+    reference's CB the CUDA kernel's, so whole models compare bit for bit and logit for logit;
+    tests/test_quantize_bnb.py compares against the CPU kernel itself (its op, unpatched). A test's
+    subprocesses get the same with ``env=env_as_on_the_gpu(folder)``."""
+    import bitsandbytes.functional as F
+
+    monkeypatch.setattr(F, "int8_vectorwise_quant", int8_quant_as_on_the_gpu(F.int8_vectorwise_quant))
+
+
+def env_as_on_the_gpu(folder) -> dict:
+    """The environment for a test's subprocesses (and theirs) with ``bitsandbytes_as_on_the_gpu`` in
+    effect: a ``sitecustomize`` in ``folder``, first on PYTHONPATH, installs it at start-up."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(
+            f"import sys; sys.path.insert(0, {tests!r})\n"
+            "import bitsandbytes.functional as F, conftest\n"
+            "F.int8_vectorwise_quant = conftest.int8_quant_as_on_the_gpu(F.int8_vectorwise_quant)\n"
+        )
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder)] + ([path] if path else []))}
+
+
 def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
     """The 4-bit codes of a packed weight (any storage dtype), first element from the high nibble."""
     b = tensor_bytes(packed)
@@ -174,16 +259,28 @@ def assert_quantized_tensors_match(ref: dict, got: dict, double_quant: bool = Fa
     """Tensor by tensor, fastq's quantized tensors (``got``) against transformers' on the CPU (``ref``),
     for every key of ``ref``: the same bytes, except where fastq follows bitsandbytes' CUDA kernel and
     the CPU kernel differs. FP4 packed weights: codes only by that kernel's rules
-    (``cpu_codes_apart_by_rule``), on at most 1% of them. With ``double_quant``: nested absmax codes
+    (``cpu_codes_apart_by_rule``), on at most 1% of them; NF4 one code apart on at most 1e-4 of them and
+    int8 CB one apart only in rows whose SCB's reciprocal the GPU rounds the other way (``gpu_reciprocal``:
+    fastq scales as the GPU does, transformers on the CPU by the correctly rounded reciprocal). With ``double_quant``: nested absmax codes
     (``*.weight.absmax`` stored as uint8) one code apart on at most 1% of entries, and the offset and
     nested absmax a few float32 ulps apart (``nested_stat_close``)."""
-    nested_total = nested_diff = fp4_total = fp4_diff = 0
+    nested_total = nested_diff = fp4_total = fp4_diff = nf4_total = nf4_diff = 0
     for key, a in ref.items():
         b = got[key]
         if f"{key}.quant_state.bitsandbytes__fp4" in ref:
             assert b.dtype == a.dtype and b.shape == a.shape, key
             fp4_diff += cpu_codes_apart_by_rule(unpack_4bit(b), unpack_4bit(a), "fp4")
             fp4_total += 2 * a.numel() * a.element_size()
+        elif f"{key}.quant_state.bitsandbytes__nf4" in ref:
+            assert b.dtype == a.dtype and b.shape == a.shape, key
+            nf4_diff += cpu_codes_apart_by_rule(unpack_4bit(b), unpack_4bit(a), "nf4")
+            nf4_total += 2 * a.numel() * a.element_size()
+        elif key.endswith(".weight") and a.dtype == torch.int8 and key.removesuffix("weight") + "SCB" in ref:
+            # CB one apart only in rows whose GPU reciprocal of SCB is not the correctly rounded one
+            assert b.dtype == a.dtype and b.shape == a.shape, key
+            delta = (a.to(torch.int16) - b.to(torch.int16)).abs()
+            rows = reciprocal_differs(ref[key.removesuffix("weight") + "SCB"]).reshape(-1, 1)
+            assert bool((delta <= rows.to(torch.int16)).all()), f"{key}: CB differs beyond the GPU's reciprocal"
         elif double_quant and key.endswith(".weight.absmax") and a.dtype == torch.uint8:
             assert b.dtype == torch.uint8 and b.shape == a.shape, key
             delta = (a.to(torch.int16) - b.to(torch.int16)).abs()
@@ -200,6 +297,9 @@ def assert_quantized_tensors_match(ref: dict, got: dict, double_quant: bool = Fa
         assert nested_total > 0, "no nested codes: is double quantization on?"
         assert nested_diff <= 0.01 * nested_total, f"{nested_diff} of {nested_total} nested codes differ"
     assert fp4_diff <= 0.01 * fp4_total, f"{fp4_diff} of {fp4_total} FP4 codes differ"
+    # NF4: one code apart only where the GPU's reciprocal of a block's absmax puts a value across a
+    # threshold the correctly rounded one does not (a handful in a million)
+    assert nf4_diff <= 1e-4 * nf4_total, f"{nf4_diff} of {nf4_total} NF4 codes differ"
 
 
 def assert_close_outputs(ref: torch.Tensor, got: torch.Tensor, share: float = 0.01) -> None:

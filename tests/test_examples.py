@@ -27,13 +27,16 @@ def test_qlora_example_trains_saves_reloads_and_merges(tiny_model, tmp_path):
 
 
 def test_qlora_compare_trains_both_loaders_to_the_same_losses(tiny_model, tmp_path):
-    """benches/gpu/qlora_compare.py (the GPU run of issue 9) on the CPU: LLM.int8 is rounded the same by
-    fastq and bitsandbytes here, so the two loaders' losses must be equal step for step."""
+    """benches/gpu/qlora_compare.py (the GPU run of issue 9) on the CPU: with bitsandbytes' int8 rounded as
+    its CUDA kernel rounds it (``conftest.env_as_on_the_gpu``: the script runs each loader in a process
+    of its own), as fastq rounds it, the two loaders' losses must be equal step for step."""
+    from conftest import env_as_on_the_gpu
+
     script = Path(__file__).parents[1] / "benches" / "gpu" / "qlora_compare.py"
     out = subprocess.run(
         [sys.executable, str(script), "--model", tiny_model("llama"), "--device", "cpu", "--quant", "int8",
          "--steps", "3", "--batch", "2", "--length", "32", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=280, check=False,
+        capture_output=True, text=True, timeout=280, check=False, env=env_as_on_the_gpu(tmp_path),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     import json

@@ -8,7 +8,7 @@ cache, then runs each case in a fresh subprocess (imports excluded from the timi
   tf_int8 / fq_int8  the same in LLM.int8
   fq_convert         fastq.convert of the checkpoint to NF4 (CPU only, all cores)
   tf_pre / fq_pre    reloading that pre-quantized checkpoint with transformers and with fastq
-  fq_nf4_cpu         fastq.load quantizing on the CPU (quantize_on="cpu"), then copying
+  fq_nf4_cpu / fq_int8_cpu   fastq.load quantizing on the CPU (quantize_on="cpu"), then copying
   fq_convert8, tf_pre8 / fq_pre8   the same for an int8 conversion
   tf_plain / fq_plain / st_plain   the bf16 checkpoint with no quantization (st: safetensors' load_file
                      of each shard to the GPU, the plain reader)
@@ -133,6 +133,8 @@ def run_case(case: str, ckpt: Path, pre: Path, pre8: Path, out: Path) -> dict:
         return {"case": case, "load_s": time.perf_counter() - t, "rss_gb": _rss()}
     elif kind == "fq_nf4_cpu":
         m = fastq.load(ckpt, bnb4, dm, dtype=torch.bfloat16, progress=False, quantize_on="cpu")
+    elif kind == "fq_int8_cpu":
+        m = fastq.load(ckpt, bnb8, dm, dtype=torch.bfloat16, progress=False, quantize_on="cpu")
     elif kind == "fq_convert8":
         fastq.convert(ckpt, pre8, bnb8, progress=False, overwrite=True)
         return {"case": case, "load_s": time.perf_counter() - t, "rss_gb": _rss()}
@@ -296,8 +298,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--cases", nargs="*", default=[
-        "st_plain", "tf_plain", "fq_plain", "tf_nf4", "fq_nf4", "fq_nf4_cpu", "tf_int8", "fq_int8", "fq_convert",
-        "tf_pre", "fq_pre", "fq_convert8", "tf_pre8", "fq_pre8", "cold_tf_nf4", "cold_fq_nf4"])
+        "st_plain", "tf_plain", "fq_plain", "tf_nf4", "fq_nf4", "fq_nf4_cpu", "tf_int8", "fq_int8", "fq_int8_cpu",
+        "fq_convert", "tf_pre", "fq_pre", "fq_convert8", "tf_pre8", "fq_pre8", "cold_tf_nf4", "cold_fq_nf4"])
     ap.add_argument("--case")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
@@ -334,7 +336,8 @@ def main() -> None:
         # after every case: a call cut by its time limit still brings back what it measured (run 13's A)
         (out / "gpu_results.json").write_text(json.dumps(results, indent=1))
     by = {r["case"]: r for r in results}
-    for a, b in (("tf_nf4", "fq_nf4"), ("tf_nf4", "fq_nf4_cpu"), ("tf_int8", "fq_int8"), ("tf_pre", "fq_pre"),
+    for a, b in (("tf_nf4", "fq_nf4"), ("tf_nf4", "fq_nf4_cpu"), ("tf_int8", "fq_int8"), ("tf_int8", "fq_int8_cpu"),
+                 ("tf_pre", "fq_pre"),
                  ("tf_nf4", "fq_pre"), ("tf_pre8", "fq_pre8"), ("tf_plain", "fq_plain"),
                  ("cold_tf_nf4", "cold_fq_nf4")):
         if a in by and b in by:

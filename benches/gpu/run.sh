@@ -15,7 +15,8 @@ if [[ ${FIXTURE:-1} != 0 ]]; then
   python3 benches/gpu/make_nested_fixture.py "$OUT" && cp "$OUT/bnb_cuda_nested.safetensors" tests/fixtures/
   fixture_tests=("tests/test_quantize_bnb.py::test_double_quant_offset_sums_as_the_gpu"
     "tests/test_quantize_bnb.py::test_double_quant_of_the_fixture_weights_is_the_gpus"
-    "tests/test_quantize_bnb.py::test_nested_matches_cuda_fixture")
+    "tests/test_quantize_bnb.py::test_nested_matches_cuda_fixture"
+    "tests/test_quantize_bnb.py::test_weights_against_cuda_fixture")
 fi
 timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest tests/test_gpu.py tests/test_gpu_moe.py tests/test_transfer.py \
   ${fixture_tests[@]+"${fixture_tests[@]}"} -q -p no:cacheprovider -x \

@@ -6,6 +6,7 @@ pub mod cuda_mean;
 pub mod double;
 pub mod fourbit;
 pub mod int8;
+mod reciprocal;
 pub mod tables;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -15,14 +16,13 @@ pub use fourbit::{quantize_4bit, quantize_4bit_reference, QuantType, BLOCKSIZES}
 pub use int8::{quantize_int8, quantize_int8_reference};
 
 /// The factor a block's values are multiplied by before they are coded, from its absmax: the kernels
-/// of bitsandbytes' `kQuantizeBlockwise` scale by `1.0f / absmax` (csrc/kernels.cu). fastq takes the
-/// correctly rounded reciprocal; bitsandbytes' CUDA build (`--use_fast_math`) takes the GPU's approximate
-/// one, which lands on the other side of a code's boundary for a few values (README, "How exact it is";
-/// benches/gpu/rcp_table.py measures the two apart). Every 4-bit and nested kernel, scalar and SIMD,
-/// takes it from here.
+/// of bitsandbytes' `kQuantizeBlockwise` scale by `1.0f / absmax` (csrc/kernels.cu), which its CUDA
+/// build (`--use_fast_math`) computes with the GPU's approximate reciprocal; fastq takes that same
+/// reciprocal (`reciprocal::gpu_reciprocal`), so its codes are the GPU's (README, "How exact it is").
+/// Every 4-bit and nested kernel, scalar and SIMD, takes it from here.
 #[inline(always)]
 pub(crate) fn block_scale(absmax: f32) -> f32 {
-    1.0 / absmax
+    reciprocal::gpu_reciprocal(absmax)
 }
 
 /// LLM.int8's factor for a row from its absmax (SCB): `127.0 / SCB`, which torch evaluates as

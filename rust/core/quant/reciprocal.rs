@@ -1,0 +1,82 @@
+//! The reciprocal bitsandbytes' CUDA kernels scale by. They are built with `--use_fast_math`, so
+//! `1.0f / absmax` is `rcp.approx.ftz.f32` (the SFU's MUFU.RCP), within one ulp of the true 1/x but not
+//! always the correctly rounded float32. Which mantissas it rounds the other way was measured on a GPU
+//! (benches/gpu/rcp_table.py: every float32 in [1, 2), and every binade checked to scale by its power
+//! of two) and is kept here as one bit per mantissa; with it a CPU kernel scales a block exactly as the
+//! GPU does, so its codes are the GPU's (tests/test_quantize_bnb.py checks that against the codes a GPU
+//! wrote, tests/fixtures/bnb_cuda_nested.safetensors).
+
+/// Bit `m` (little-endian within each byte) is set where the GPU's reciprocal of the float32 with
+/// mantissa bits `m` is not the correctly rounded one; it is then the other float32 neighbour of 1/x.
+static OTHER_SIDE: &[u8; 1 << 20] = include_bytes!("rcp_gpu.bin");
+
+const MANTISSA: u32 = (1 << 23) - 1;
+
+/// The GPU's `rcp.approx.ftz.f32` of `x`, where `x` and its reciprocal are normal float32; elsewhere
+/// (zero, subnormals, 1/x below 2^-126, infinities, NaN) the correctly rounded reciprocal, which the
+/// kernels' callers already handle as bitsandbytes' CPU side does.
+#[inline]
+pub(crate) fn gpu_reciprocal(x: f32) -> f32 {
+    let r = 1.0 / x;
+    if !x.is_normal() || !r.is_normal() {
+        return r;
+    }
+    let m = x.to_bits() & MANTISSA;
+    let other = (OTHER_SIDE[(m >> 3) as usize] >> (m & 7)) & 1;
+    // Which neighbour is the other: above r if r lies below the true 1/x, i.e. if |x * r| < 1 (the
+    // product of two float32 is exact in f64). No branch on the map's bit: a random bit mispredicts.
+    let step = if ((x as f64) * (r as f64)).abs() < 1.0 {
+        1
+    } else {
+        -1
+    };
+    f32::from_bits(r.to_bits().wrapping_add_signed(step * other as i32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_one_ulp_of_the_true_reciprocal_and_scaling_by_powers_of_two() {
+        for m in (0..1u32 << 23).step_by(97) {
+            let x = f32::from_bits((127 << 23) | m);
+            let g = gpu_reciprocal(x);
+            let t = 1.0 / x as f64;
+            let r = 1.0 / x;
+            // the two float32 around 1/x bracket it; g is one of them
+            let (lo, hi) = if (r as f64) < t {
+                (r, f32::from_bits(r.to_bits() + 1))
+            } else {
+                (f32::from_bits(r.to_bits() - 1), r)
+            };
+            assert!(g == lo || g == hi || (r as f64) == t, "mantissa {m:#x}");
+            for e in [-100i32, -20, -1, 1, 20, 100] {
+                let s = x * 2f32.powi(e);
+                assert_eq!(
+                    gpu_reciprocal(s),
+                    g * 2f32.powi(-e),
+                    "mantissa {m:#x} times 2^{e}"
+                );
+                assert_eq!(gpu_reciprocal(-s), -g * 2f32.powi(-e));
+            }
+        }
+    }
+
+    #[test]
+    fn outside_the_normal_range_it_is_the_correctly_rounded_reciprocal() {
+        for x in [
+            0.0f32,
+            -0.0,
+            1e-40,
+            f32::INFINITY,
+            2f32.powi(127),
+            f32::MIN_POSITIVE / 2.0,
+        ] {
+            assert_eq!(gpu_reciprocal(x).to_bits(), (1.0 / x).to_bits(), "{x:e}");
+        }
+        assert!(gpu_reciprocal(f32::NAN).is_nan());
+        assert_eq!(gpu_reciprocal(1.0), 1.0);
+        assert_eq!(gpu_reciprocal(0.5), 2.0);
+    }
+}
