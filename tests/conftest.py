@@ -156,11 +156,13 @@ def _rcp_table() -> torch.Tensor:
 def gpu_reciprocal(x: torch.Tensor) -> torch.Tensor:
     """``rcp.approx.ftz.f32`` of a float32 tensor as bitsandbytes' CUDA kernels take it, from the measured
     map: where ``x`` and ``1 / x`` are normal and the map's bit for ``x``'s mantissa is set, the other
-    float32 neighbour of the true 1/x; elsewhere the correctly rounded reciprocal (as fastq keeps it)."""
+    float32 neighbour of the true 1/x; a reciprocal below 2^-126 flushed to a zero of its sign (as the
+    GPU does); elsewhere the correctly rounded reciprocal (as fastq keeps it for subnormal ``x``)."""
     x = x.float()
     table = _rcp_table()
     r = torch.tensor(1.0) / x
     tiny = torch.finfo(torch.float32).tiny
+    r = torch.where((r != 0) & (r.abs() < tiny), torch.copysign(torch.zeros_like(r), r), r)
     normal = torch.isfinite(x) & (x.abs() >= tiny) & torch.isfinite(r) & (r.abs() >= tiny)
     m = x.view(torch.int32).long() & ((1 << 23) - 1)
     other = normal & ((table[m >> 3] >> (m & 7)) & 1).bool()

@@ -12,14 +12,21 @@ static OTHER_SIDE: &[u8; 1 << 20] = include_bytes!("rcp_gpu.bin");
 
 const MANTISSA: u32 = (1 << 23) - 1;
 
-/// The GPU's `rcp.approx.ftz.f32` of `x`, where `x` and its reciprocal are normal float32; elsewhere
-/// (zero, subnormals, 1/x below 2^-126, infinities, NaN) the correctly rounded reciprocal, which the
-/// kernels' callers already handle as bitsandbytes' CPU side does.
+/// The GPU's `rcp.approx.ftz.f32` of `x`, for every `x` but subnormal ones: where `x` and its
+/// reciprocal are normal, from the map; a reciprocal below 2^-126 (|x| above 2^126) flushed to a zero
+/// of its sign, as the GPU does (`rcp_table.py`'s scaling check found binades 126 and 127 off, and a GPU
+/// returned 0 for 1.5 * 2^126, 2^127 and 1.75 * 2^127, -0 for -1.5 * 2^126, 2^-126 for 2^126); zero,
+/// infinities and NaN as 1/x. A subnormal `x` keeps the correctly rounded reciprocal (the GPU flushes it
+/// to zero and returns inf, but it also flushes the block's values, which fastq keeps: README).
 #[inline]
 pub(crate) fn gpu_reciprocal(x: f32) -> f32 {
     let r = 1.0 / x;
     if !x.is_normal() || !r.is_normal() {
-        return r;
+        return if r.is_subnormal() {
+            0f32.copysign(r)
+        } else {
+            r
+        };
     }
     let m = x.to_bits() & MANTISSA;
     let other = (OTHER_SIDE[(m >> 3) as usize] >> (m & 7)) & 1;
@@ -65,18 +72,28 @@ mod tests {
 
     #[test]
     fn outside_the_normal_range_it_is_the_correctly_rounded_reciprocal() {
-        for x in [
-            0.0f32,
-            -0.0,
-            1e-40,
-            f32::INFINITY,
-            2f32.powi(127),
-            f32::MIN_POSITIVE / 2.0,
-        ] {
+        for x in [0.0f32, -0.0, 1e-40, f32::INFINITY, f32::MIN_POSITIVE / 2.0] {
             assert_eq!(gpu_reciprocal(x).to_bits(), (1.0 / x).to_bits(), "{x:e}");
         }
         assert!(gpu_reciprocal(f32::NAN).is_nan());
         assert_eq!(gpu_reciprocal(1.0), 1.0);
         assert_eq!(gpu_reciprocal(0.5), 2.0);
+    }
+
+    #[test]
+    fn a_reciprocal_below_the_normal_range_is_flushed_to_zero_as_on_the_gpu() {
+        // what an H100 returned (2026-12-08, rcp.approx.ftz.f32 through rcp_table.approx_gpu)
+        let two126 = 2f32.powi(126);
+        assert_eq!(gpu_reciprocal(two126), f32::MIN_POSITIVE);
+        for x in [
+            1.5 * two126,
+            2f32.powi(127),
+            1.75 * 2f32.powi(127),
+            f32::MAX,
+        ] {
+            assert_eq!(gpu_reciprocal(x).to_bits(), 0, "{x:e}");
+        }
+        assert_eq!(gpu_reciprocal(-1.5 * two126).to_bits(), (-0f32).to_bits());
+        assert_eq!(gpu_reciprocal(f32::MIN_POSITIVE), two126);
     }
 }
