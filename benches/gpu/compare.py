@@ -292,6 +292,36 @@ def _rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+PAIRS = (("tf_nf4", "fq_nf4"), ("tf_nf4", "fq_nf4_cpu"), ("tf_int8", "fq_int8"), ("tf_int8", "fq_int8_cpu"),
+         ("tf_pre", "fq_pre"), ("tf_nf4", "fq_pre"), ("tf_pre8", "fq_pre8"), ("tf_plain", "fq_plain"),
+         ("cold_tf_nf4", "cold_fq_nf4"))
+
+
+def compare_pair(a: str, b: str, by: dict, out: Path) -> None:
+    """Loads, logits, greedy tokens and per-module digests of two cases (printed as soon as both ran, so a
+    call cut by its time limit keeps the comparisons it reached)."""
+    import torch
+
+    la, lb = torch.load(out / f"logits_{a}.pt"), torch.load(out / f"logits_{b}.pt")
+    print(f"{a} vs {b}: load {by[a]['load_s']:.2f}s vs {by[b]['load_s']:.2f}s "
+          f"({by[a]['load_s'] / by[b]['load_s']:.1f}x), logits max|diff| {(la - lb).abs().max():.4g} "
+          f"(scale {la.abs().max():.3g}), same tokens {by[a]['tokens'] == by[b]['tokens']}")
+    da = json.loads((out / f"digests_{a}.json").read_text())
+    db = json.loads((out / f"digests_{b}.json").read_text())
+    for field in ("weight", "absmax", "offset", "nested_absmax", "SCB"):
+        same = sum(1 for k in da if field in da[k] and da[k][field] == db.get(k, {}).get(field))
+        total = sum(1 for k in da if field in da[k])
+        if total:
+            print(f"  {field}: {same}/{total} modules byte-identical")
+    pairs = [(da[k]["offset"], db[k]["offset"]) for k in da
+             if da[k].get("offset") is not None and db.get(k, {}).get("offset") is not None]
+    if pairs:
+        ulps = [abs(_f32_bits(x) - _f32_bits(y)) for x, y in pairs]
+        rel = max(abs(x - y) / abs(x) for x, y in pairs if x)
+        print(f"  offset: max {max(ulps)} float32 ulp apart (max relative {rel:.2g}); "
+              f"{sum(u == 1 for u in ulps)} modules 1 ulp, {sum(u > 1 for u in ulps)} more")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/fastq-gpu")
@@ -335,30 +365,10 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         # after every case: a call cut by its time limit still brings back what it measured (run 13's A)
         (out / "gpu_results.json").write_text(json.dumps(results, indent=1))
-    by = {r["case"]: r for r in results}
-    for a, b in (("tf_nf4", "fq_nf4"), ("tf_nf4", "fq_nf4_cpu"), ("tf_int8", "fq_int8"), ("tf_int8", "fq_int8_cpu"),
-                 ("tf_pre", "fq_pre"),
-                 ("tf_nf4", "fq_pre"), ("tf_pre8", "fq_pre8"), ("tf_plain", "fq_plain"),
-                 ("cold_tf_nf4", "cold_fq_nf4")):
-        if a in by and b in by:
-            la, lb = torch.load(out / f"logits_{a}.pt"), torch.load(out / f"logits_{b}.pt")
-            print(f"{a} vs {b}: load {by[a]['load_s']:.2f}s vs {by[b]['load_s']:.2f}s "
-                  f"({by[a]['load_s'] / by[b]['load_s']:.1f}x), logits max|diff| {(la - lb).abs().max():.4g} "
-                  f"(scale {la.abs().max():.3g}), same tokens {by[a]['tokens'] == by[b]['tokens']}")
-            da = json.loads((out / f"digests_{a}.json").read_text())
-            db = json.loads((out / f"digests_{b}.json").read_text())
-            for field in ("weight", "absmax", "offset", "nested_absmax", "SCB"):
-                same = sum(1 for k in da if field in da[k] and da[k][field] == db.get(k, {}).get(field))
-                total = sum(1 for k in da if field in da[k])
-                if total:
-                    print(f"  {field}: {same}/{total} modules byte-identical")
-            pairs = [(da[k]["offset"], db[k]["offset"]) for k in da
-                     if da[k].get("offset") is not None and db.get(k, {}).get("offset") is not None]
-            if pairs:
-                ulps = [abs(_f32_bits(x) - _f32_bits(y)) for x, y in pairs]
-                rel = max(abs(x - y) / abs(x) for x, y in pairs if x)
-                print(f"  offset: max {max(ulps)} float32 ulp apart (max relative {rel:.2g}); "
-                      f"{sum(u == 1 for u in ulps)} modules 1 ulp, {sum(u > 1 for u in ulps)} more")
+        by = {r["case"]: r for r in results}
+        for a, b in PAIRS:
+            if case in (a, b) and a in by and b in by:
+                compare_pair(a, b, by, out)
     print("case         load_s  gpu_peak/reserved/after_GB  anon/file_peak_GB  rss_peak_GB  tok/s  phases / ring")
     for r in results:
         ring = r.get("ring", {})
