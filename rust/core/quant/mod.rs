@@ -25,6 +25,23 @@ pub(crate) fn block_scale(absmax: f32) -> f32 {
     reciprocal::gpu_reciprocal(absmax)
 }
 
+/// `block_scale` of every value of `v`, in place, 16 at a time (the AVX-512 4-bit kernel takes a tile's
+/// scales this way; the same bits as `block_scale`, `reciprocal::gpu_reciprocal16`).
+///
+/// # Safety
+/// The CPU must support avx512f and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+pub(crate) unsafe fn block_scales_avx512(v: &mut [f32]) {
+    use std::arch::x86_64::{_mm512_mask_storeu_ps, _mm512_maskz_loadu_ps};
+    for chunk in v.chunks_mut(16) {
+        let lanes = ((1u32 << chunk.len()) - 1) as u16;
+        // SAFETY: only the chunk's lanes are read and written.
+        let x = _mm512_maskz_loadu_ps(lanes, chunk.as_ptr());
+        _mm512_mask_storeu_ps(chunk.as_mut_ptr(), lanes, reciprocal::gpu_reciprocal16(x));
+    }
+}
+
 /// LLM.int8's factor for a row from its absmax (SCB): `127.0 / SCB`, which torch evaluates as
 /// `SCB.reciprocal() * 127` (Tensor.__rtruediv__) and bitsandbytes' `kInt8VectorQuant` as the GPU's
 /// reciprocal times 127 - two roundings either way, the reciprocal the same as a 4-bit block's. Every

@@ -8,7 +8,7 @@ use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
 use crate::quant::fourbit::{QuantType, ABSMAX_FLOOR};
 use crate::quant::int8::{overflow, through_f16 as through_f16_scalar};
-use crate::quant::{block_scale, row_scale};
+use crate::quant::{block_scale, block_scales_avx512, row_scale};
 
 /// 16 elements of format `D` starting at element `i` of `p`, widened to f32.
 #[inline]
@@ -203,7 +203,8 @@ unsafe fn fourbit<const D: u8>(
     let mut t0 = 0;
     while t0 < n {
         let t1 = (t0 + tile).min(n);
-        for (j, inv_j) in inv.iter_mut().enumerate().take((t1 - t0) >> shift) {
+        let blocks = (t1 - t0) >> shift;
+        for (j, inv_j) in inv.iter_mut().enumerate().take(blocks) {
             let start = t0 + (j << shift);
             let bits = max_abs_bits::<D>(p, start, blocksize);
             if bits >= inf_bits::<D>() {
@@ -215,8 +216,9 @@ unsafe fn fourbit<const D: u8>(
             }
             let am = widen_bits::<D>(bits);
             absmax[(t0 >> shift) + j] = am;
-            *inv_j = block_scale(am.max(ABSMAX_FLOOR));
+            *inv_j = am.max(ABSMAX_FLOOR);
         }
+        block_scales_avx512(&mut inv[..blocks]);
         // 64 elements a step; a tile of 32-element blocks may end with a half step.
         let mut i = t0;
         while i < t1 {
