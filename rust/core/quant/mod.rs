@@ -42,6 +42,24 @@ pub(crate) unsafe fn block_scales_avx512(v: &mut [f32]) {
     }
 }
 
+/// `block_scales_avx512` with AVX2, 8 at a time.
+///
+/// # Safety
+/// The CPU must support avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn block_scales_avx2(v: &mut [f32]) {
+    use std::arch::x86_64::{_mm256_loadu_ps, _mm256_storeu_ps};
+    for chunk in v.chunks_mut(8) {
+        let mut lanes = [1f32; 8];
+        lanes[..chunk.len()].copy_from_slice(chunk);
+        // SAFETY: 8 floats in, 8 out, of a local array.
+        let r = reciprocal::gpu_reciprocal8(_mm256_loadu_ps(lanes.as_ptr()));
+        _mm256_storeu_ps(lanes.as_mut_ptr(), r);
+        chunk.copy_from_slice(&lanes[..chunk.len()]);
+    }
+}
+
 /// LLM.int8's factor for a row from its absmax (SCB): `127.0 / SCB`, which torch evaluates as
 /// `SCB.reciprocal() * 127` (Tensor.__rtruediv__) and bitsandbytes' `kInt8VectorQuant` as the GPU's
 /// reciprocal times 127 - two roundings either way, the reciprocal the same as a 4-bit block's. Every

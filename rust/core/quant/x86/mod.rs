@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 
 use super::fourbit::{QuantType, ABSMAX_FLOOR};
 use super::int8::overflow;
-use super::{block_scale, row_scale};
+use super::{block_scale, block_scales_avx2, row_scale};
 use crate::dtype::FloatSlice;
 use crate::error::{Error, Result};
 
@@ -238,42 +238,51 @@ pub(crate) unsafe fn quantize_4bit_full_blocks_avx2(
     let remap = qt == QuantType::Fp4;
     let lane_fix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let low_byte = _mm256_set1_epi16(0x00ff);
-    for (b, am_out) in absmax.iter_mut().enumerate() {
-        let start = b * blocksize;
-        let end = start + blocksize;
-        let am = absmax_avx2(&x, start, end);
-        let Some(am) = am else {
-            return Err(Error::NonFinite {
-                path: Default::default(),
-                tensor: String::new(),
-                index: first_nonfinite(&x, start, end),
-            });
-        };
-        *am_out = am;
-        let inv = _mm256_set1_ps(block_scale(am.max(ABSMAX_FLOOR)));
-        let mut i = start;
-        while i < end {
-            let mut q = [_mm256_setzero_si256(); 4];
-            for (k, qk) in q.iter_mut().enumerate() {
-                *qk = search.buckets(_mm256_mul_ps(load8(&x, i + 8 * k), inv));
+    // Eight blocks at a time: their absmax, their scales (8 lanes at once), then their codes.
+    let mut scales = [0f32; 8];
+    for g0 in (0..absmax.len()).step_by(8) {
+        let g1 = (g0 + 8).min(absmax.len());
+        for b in g0..g1 {
+            let (start, end) = (b * blocksize, (b + 1) * blocksize);
+            let Some(am) = absmax_avx2(&x, start, end) else {
+                return Err(Error::NonFinite {
+                    path: Default::default(),
+                    tensor: String::new(),
+                    index: first_nonfinite(&x, start, end),
+                });
+            };
+            absmax[b] = am;
+            scales[b - g0] = am.max(ABSMAX_FLOOR);
+        }
+        block_scales_avx2(&mut scales[..g1 - g0]);
+        for b in g0..g1 {
+            let (start, end) = (b * blocksize, (b + 1) * blocksize);
+            let inv = _mm256_set1_ps(scales[b - g0]);
+            let mut i = start;
+            while i < end {
+                let mut q = [_mm256_setzero_si256(); 4];
+                for (k, qk) in q.iter_mut().enumerate() {
+                    *qk = search.buckets(_mm256_mul_ps(load8(&x, i + 8 * k), inv));
+                }
+                // 32 i32 codes -> 32 bytes in element order.
+                let p01 = _mm256_packs_epi32(q[0], q[1]);
+                let p23 = _mm256_packs_epi32(q[2], q[3]);
+                let mut bytes =
+                    _mm256_permutevar8x32_epi32(_mm256_packus_epi16(p01, p23), lane_fix);
+                if remap {
+                    bytes = _mm256_shuffle_epi8(order_tbl, bytes);
+                }
+                // Pairs (b0, b1) as 16-bit words: packed = (b0 << 4) | b1.
+                let w = _mm256_or_si256(_mm256_slli_epi16(bytes, 4), _mm256_srli_epi16(bytes, 8));
+                let w = _mm256_and_si256(w, low_byte);
+                let packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0b1000);
+                // SAFETY: codes holds n / 2 bytes and i / 2 + 16 <= end / 2 <= n / 2.
+                _mm_storeu_si128(
+                    codes.as_mut_ptr().add(i / 2) as *mut __m128i,
+                    _mm256_castsi256_si128(packed),
+                );
+                i += 32;
             }
-            // 32 i32 codes -> 32 bytes in element order.
-            let p01 = _mm256_packs_epi32(q[0], q[1]);
-            let p23 = _mm256_packs_epi32(q[2], q[3]);
-            let mut bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(p01, p23), lane_fix);
-            if remap {
-                bytes = _mm256_shuffle_epi8(order_tbl, bytes);
-            }
-            // Pairs (b0, b1) as 16-bit words: packed = (b0 << 4) | b1.
-            let w = _mm256_or_si256(_mm256_slli_epi16(bytes, 4), _mm256_srli_epi16(bytes, 8));
-            let w = _mm256_and_si256(w, low_byte);
-            let packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0b1000);
-            // SAFETY: codes holds n / 2 bytes and i / 2 + 16 <= end / 2 <= n / 2.
-            _mm_storeu_si128(
-                codes.as_mut_ptr().add(i / 2) as *mut __m128i,
-                _mm256_castsi256_si128(packed),
-            );
-            i += 32;
         }
     }
     Ok(())
