@@ -1,9 +1,14 @@
 """Where fastq.load's time goes on the GPU machine (run after compare.py made the checkpoint).
 
-    python3 benches/gpu/profile_load.py /dev/shm/fq/llama7b
+    python3 benches/gpu/profile_load.py /tmp/fastq-gpu/llama7b
+    python3 benches/gpu/profile_load.py --reload /tmp/fastq-gpu/llama7b-nf4   # after compare.py's fq_convert
 
 Prints: 16-thread pread bandwidth of the shards, the Rust pipeline alone (NF4 + double quant, results
 dropped), the pipeline with each result copied to the GPU, and a cProfile of fastq.load.
+
+``--reload``: a pre-quantized (or plain) checkpoint loaded with no quantization config, the case whose
+critical path is the skeleton (BENCHMARKS run 15): three loads in this process with their phases, then
+a cProfile of a fourth, by cumulative time.
 """
 
 import cProfile
@@ -76,5 +81,27 @@ def main(path):
     pstats.Stats(pr).sort_stats("tottime").print_stats(18)
 
 
+def reload(path):
+    for k in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        m = fastq.load(path, None, {"": 0}, dtype=torch.bfloat16, progress=False)
+        torch.cuda.synchronize()
+        phases = fastq.transfer.LAST_TIMELINE.timeline.phases()
+        print(f"reload {k}: {time.perf_counter() - t:.3f} s; "
+              + " ".join(f"{p}={v:.3f}" for p, v in phases.items()), flush=True)
+        del m
+        torch.cuda.empty_cache()
+    pr = cProfile.Profile()
+    pr.enable()
+    fastq.load(path, None, {"": 0}, dtype=torch.bfloat16, progress=False)
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("cumulative").print_stats(40)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--reload":
+        reload(sys.argv[2])
+    else:
+        main(sys.argv[1])
