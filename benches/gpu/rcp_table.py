@@ -18,10 +18,10 @@ little-endian: where the two differ, and where the approximate one is the larger
 ``far_delta`` (the mantissas where they lie more than one ulp apart, and by how many ulps), with the
 GPU's name in the metadata - 2 MiB whatever the count, so it comes back from the device machine; the
 summary says how many differing results lie within one ulp of the true 1/x (all of them: ``differs``
-alone then says the GPU's reciprocal, and is written raw as ``rcp_gpu.bin``, the map a CPU kernel
-would include: branch gpu-rcp's rust/core/quant/reciprocal.rs). With the table a CPU kernel can take
-the GPU's reciprocal bit for bit; the fixture
-(tests/fixtures/bnb_cuda_nested.safetensors) then says whether that removes every difference.
+alone then says the GPU's reciprocal, and is written raw as ``rcp_gpu.bin``, the map fastq's CPU kernels
+include: rust/core/quant/rcp_gpu.bin, read by reciprocal.rs; written by an H100 on 2026-12-08). With it
+the CPU kernels take the GPU's reciprocal bit for bit, and the fixture
+(tests/fixtures/bnb_cuda_nested.safetensors) says that removed every difference.
 
 The summary also counts the reciprocal instructions in bitsandbytes' quantize kernels (``--sass-only``: that
 alone, no GPU needed; ``cuobjdump`` from the PATH or Triton's package). Seen 2026-12-07 on the 2-core

@@ -3,8 +3,8 @@
 //! writes quantizing on a GPU.
 //! - the tensor is flattened row-major and cut into blocks of `blocksize` that cross rows;
 //! - absmax = max |x| per block, stored as it is (an all-zero block stores 0);
-//! - every block, the tail too, is scaled by `x * (1 / absmax)`; an all-zero block scales into NaN,
-//!   which both searches send to code 0;
+//! - every block, the tail too, is scaled by `x * (1 / absmax)`, the reciprocal the GPU's approximate
+//!   one (`quant::block_scale`); an all-zero block scales into NaN, which both searches send to code 0;
 //! - NF4: the code is found by comparing against the kernel's 15 thresholds (the float32 midpoints of
 //!   the sorted code, `x > t` picking the upper one); FP4: the sign bit is `x < 0` and the magnitude is
 //!   found against the kernel's 7 literal thresholds (`|x| > t`; they sit 1-14 ulps from the
