@@ -6,9 +6,9 @@
 
 bitsandbytes builds its CUDA kernels with ``--use_fast_math``: a block is scaled by ``1.0f / absmax``, which
 becomes ``rcp.approx.ftz.f32`` (the SFU's MUFU.RCP), not the correctly rounded reciprocal fastq's CPU
-kernels take. That is the whole of what still separates a CPU conversion from a GPU one (README, "How
-exact it is": FP4's 22 ties and int8's 12 CB on the fixture, 26 nested codes of ~101 million on a 7B):
-each such value lies where the two reciprocals fall on either side of a rounding boundary.
+kernels took until 2026-12-08. That was the whole of what separated a CPU conversion from a GPU one
+(FP4's 22 ties and int8's 12 CB on the fixture, 26 nested codes of ~101 million on a 7B, BENCHMARKS
+run 13): each such value lay where the two reciprocals fall on either side of a rounding boundary.
 
 The reciprocal of ``x = m * 2^e`` is that of its mantissa ``m`` in [1, 2) scaled by ``2^-e`` (away from the
 ends of the range, which the script checks on a sample of every binade), so 2^23 values determine it.
@@ -27,7 +27,7 @@ The summary also counts the reciprocal instructions in bitsandbytes' quantize ke
 alone, no GPU needed; ``cuobjdump`` from the PATH or Triton's package). Seen 2026-12-07 on the 2-core
 machine, bitsandbytes 0.50.2's libbitsandbytes_cuda130.so, sm_90: every kQuantizeBlockwise (78 kernels, the Small ones included)
 and kInt8VectorQuant (2) holds MUFU.RCP and no FCHK - the int8 kernel's scale is ``MUFU.RCP`` then
-``FMUL.FTZ`` by 127, the form fastq's int8 kernel computes with the correctly rounded reciprocal.
+``FMUL.FTZ`` by 127, the form fastq's int8 kernel computes (``quant::row_scale``).
 
 ``--dry-run`` (no GPU): the same steps with the correctly rounded reciprocal in place of the GPU's, to
 check the script; the table is then empty.

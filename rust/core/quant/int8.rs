@@ -1,15 +1,16 @@
-//! LLM.int8 weight quantization, byte for byte as bitsandbytes' `Int8Params._quantize` on the CPU
+//! LLM.int8 weight quantization, byte for byte as bitsandbytes' CUDA kernel (`kInt8VectorQuant`, what
+//! transformers gets on a GPU) and, but for the reciprocal, as `Int8Params._quantize` on the CPU
 //! (`nn/modules.py` casts the weight to float16 first; `backends/default/ops.py`,
 //! `int8_vectorwise_quant` with threshold 0):
 //! - every element is rounded to float16 (round to nearest even), then widened back to f32;
-//! - SCB = max |w| per row (f32); CB = round_half_even(w * ((1 / SCB) * 127)) as i8 (torch computes
-//!   `127.0 / SCB` as a reciprocal times 127);
+//! - SCB = max |w| per row (f32); CB = round_half_even(w * ((1 / SCB) * 127)) as i8;
 //! - an all-zero row gets SCB = 0 and CB = 0.
 //!
-//! The CUDA kernel (`kInt8VectorQuant`, built with `--use_fast_math`) takes the GPU's approximate
-//! reciprocal (MUFU.RCP) and then multiplies by 127, so a GPU-quantized weight can differ from this by
-//! one code on rare elements (12 of the fixture's 81,964); `quant::row_scale` is where the factor is
-//! computed (benches/gpu/rcp_table.py --sass-only shows the instructions).
+//! `1 / SCB` is the GPU's approximate reciprocal (MUFU.RCP: the CUDA kernel is built with
+//! `--use_fast_math`), then multiplied by 127 (`quant::row_scale`; benches/gpu/rcp_table.py --sass-only
+//! shows the instructions). torch on the CPU computes `127.0 / SCB` as the correctly rounded reciprocal
+//! times 127, so bitsandbytes' CPU quantization can be one code apart, in the rows whose reciprocal the
+//! GPU rounds the other way (12 of the fixture's 81,964 CB).
 
 use super::{row_scale, Kernel};
 use crate::dtype::FloatSlice;
