@@ -39,5 +39,15 @@ for v in "${variants[@]}"; do
     --work /tmp/fastq-gpu --out "$OUT/variant" --cases "${fq_cases[@]}" 2>&1 | grep -v '^{' | tee -a "$OUT/variants.log"
 done
 rm -rf "$OUT/variant"
+# NESTED_DIFF=1: where quantize_on="cpu" differs from transformers on this GPU, code by code (nested_diff.py);
+# PROFILE_RELOAD=1: the pre-quantized reload's phases and profile (profile_load.py --reload; after fq_convert)
+if [[ ${NESTED_DIFF:-0} != 0 ]]; then
+  timeout "${GPU_EXTRA_TIMEOUT:-90}" python3 benches/gpu/nested_diff.py --work /tmp/fastq-gpu --out "$OUT" \
+    2>&1 | tee "$OUT/nested_diff.log" | tail -8
+fi
+if [[ ${PROFILE_RELOAD:-0} != 0 ]]; then
+  timeout "${GPU_EXTRA_TIMEOUT:-90}" python3 benches/gpu/profile_load.py --reload /tmp/fastq-gpu/llama7b-nf4 \
+    2>&1 | tee "$OUT/profile_reload.log" | head -12
+fi
 # at most 8 files come back from a device call: the per-case logits and digests stay there
 rm -f "$OUT"/logits_*.pt "$OUT"/digests_*.json
