@@ -38,6 +38,11 @@ from .errors import (
     UnsavableModelError,
     UnsupportedDtypeError,
 )
+from .logs import quiet_bitsandbytes as _quiet_bitsandbytes
+
+# Before any part of fastq imports bitsandbytes (whose import logs the warning logs.py drops): a load,
+# a conversion, the CLI and fastq.ops alike.
+_quiet_bitsandbytes()
 
 if TYPE_CHECKING:
     from . import ops

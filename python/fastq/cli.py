@@ -207,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastq`` console script; returns the exit status (0 ok, 1 error, 2 usage,
     130 Ctrl-C)."""
     from .errors import FastqError
-    from .logs import quiet_bitsandbytes
 
-    quiet_bitsandbytes()
     args = build_parser().parse_args(argv)  # exits with 2 on a usage error
     run = {"convert": _convert, "inspect": _inspect, "demo": _demo}[args.command]
     try:

@@ -29,16 +29,12 @@ from .device_fill import warm_kernels
 from .dispatch import finalize, raise_glibc_mmap_threshold
 from .early_reads import start_early_reads
 from .errors import ConfigError
-from .logs import quiet_bitsandbytes
 from .placement import fill, start_prefetch
 from .plan import Plan, check_complete, make_plan, report_unused, warn_non_finite
 from .resolve import Inputs, Source, resolve_inputs
 from .skeleton import SKELETON_LOCK, build_empty, param_dtypes, quantized_modules, replace_modules
 
 __all__ = ["Prepared", "load", "load_and_quantize_model", "prepare"]
-
-# Before anything here imports bitsandbytes (transformers' quantizer does, building the skeleton).
-quiet_bitsandbytes()
 
 
 def load(

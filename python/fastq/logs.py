@@ -4,8 +4,9 @@ bitsandbytes 0.50 logs a warning on every import on a CPU with AVX512-BF16 when 
 package is missing: "Failed to load CPU gemm_4bit_forward from kernels-community: No module named
 'kernels'. Please make sure you already `pip install kernels` ..." (bitsandbytes/backends/cpu/ops.py,
 ``logger.warning`` on the module's logger). Every ``fastq convert`` printed it, though converting never
-runs that kernel, and so did every ``fastq.load``. ``quiet_bitsandbytes`` drops that one message from
-that one logger; anything else bitsandbytes logs goes through.
+runs that kernel, and so did every ``fastq.load`` and ``fastq.ops`` call. ``quiet_bitsandbytes`` (run by
+``import fastq``) drops that one message from that one logger; anything else bitsandbytes logs goes
+through.
 """
 
 from __future__ import annotations
