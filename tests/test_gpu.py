@@ -200,22 +200,14 @@ def test_the_rust_upload_streams_every_byte_through_the_pinned_ring_and_stops_cl
     assert len(errors) == 1 and isinstance(errors[0], fastq.DeviceError) and "no current CUDA context" in str(errors[0])
 
 
-def test_quantize_on_cpu_still_loads_onto_the_gpu(tiny_model):
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_quantize_on_cpu_gives_the_gpus_bytes(tiny_model, name):
+    """fastq's CPU kernels against transformers quantizing on this GPU, every configuration: the blocks and
+    int8 rows scaled by the GPU's reciprocal (rust/core/quant/reciprocal.rs), the double-quant offset
+    summed as torch's CUDA ``mean()`` (cuda_mean.rs), the nested codes rounded as the CUDA kernel - so
+    every byte is the GPU's, FP4's ties and int8's CB included."""
     folder = tiny_model("llama")
-    cfg = CONFIGS["nf4"]
-    ref = auto_class("llama").from_pretrained(folder, quantization_config=transformers.BitsAndBytesConfig(**cfg),
-                                              device_map={"": 0}, dtype=DTYPE)
-    got = fastq.load(folder, transformers.BitsAndBytesConfig(**cfg), {"": 0}, dtype=DTYPE, progress=False,
-                     quantize_on="cpu")
-    assert_identical(ref, got, "llama")  # NF4 without double quant: the CPU kernels give CUDA's bytes
-
-
-def test_quantize_on_cpu_with_double_quant_is_the_gpus(tiny_model):
-    """The CPU's double-quant offset sums the absmax as torch's CUDA ``mean()`` does
-    (rust/core/quant/cuda_mean.rs), and its nested codes round as the CUDA kernel: with double quant
-    too, fastq's CPU kernels give every byte transformers gets quantizing on this GPU."""
-    folder = tiny_model("llama")
-    cfg = transformers.BitsAndBytesConfig(**CONFIGS["nf4-dq"])
+    cfg = transformers.BitsAndBytesConfig(**CONFIGS[name])
     ref = auto_class("llama").from_pretrained(folder, quantization_config=cfg, device_map={"": 0}, dtype=DTYPE)
     got = fastq.load(folder, cfg, {"": 0}, dtype=DTYPE, progress=False, quantize_on="cpu")
     assert_identical(ref, got, "llama")
