@@ -104,18 +104,16 @@ const HUGE_OUTPUT: usize = 4 << 20;
 /// advised; a refusal (huge pages off) changes nothing.
 fn fresh_output<T: Copy + Default>(n: usize) -> Vec<T> {
     let mut v = vec![T::default(); n];
-    let bytes = std::mem::size_of_val(v.as_slice());
     #[cfg(target_os = "linux")]
-    if bytes >= HUGE_OUTPUT {
+    {
+        let (at, bytes) = (v.as_mut_ptr() as usize, std::mem::size_of_val(v.as_slice()));
         const HUGE: usize = 2 << 20;
-        let at = v.as_mut_ptr() as usize;
         let (start, end) = ((at + HUGE - 1) & !(HUGE - 1), (at + bytes) & !(HUGE - 1));
-        if end > start {
+        if bytes >= HUGE_OUTPUT && end > start {
             // SAFETY: [start, end) lies inside the vector's allocation; the advice changes no contents.
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
-    let _ = bytes;
     v
 }
 
